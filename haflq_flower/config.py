@@ -1,0 +1,282 @@
+"""Typed run configuration: one parser for every knob, with clear errors.
+
+Flower hands the app a flat ``run_config`` mapping (``"lora.rank" -> 8``). Under
+``flwr run`` it holds every default from ``pyproject.toml``; under the in-process
+``run_simulation`` it is empty. :func:`parse_run_config` fills the gaps from
+:data:`DEFAULTS` (kept identical to ``pyproject.toml`` by a test) and validates every
+value, so a wrong value fails at start-up with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Defaults of every run-config key. Must match [tool.flwr.app.config] in pyproject.toml.
+DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 3,
+    "seed": 0,
+    "model.name": "smollm2-135m",
+    "model.quantization": "nf4",
+    "model.compute-dtype": "bfloat16",
+    "model.max-length": 64,
+    "model.cache-dir": "",
+    "lora.rank": 8,
+    "lora.alpha": 16,
+    "lora.dropout": 0.05,
+    "lora.target-modules": "q_proj,k_proj,v_proj,o_proj",
+    "data.name": "rotten-tomatoes",
+    "data.files": "",
+    "data.text-column": "text",
+    "data.label-column": "label",
+    "data.partitioner": "dirichlet",
+    "data.dirichlet-alpha": 0.5,
+    "data.test-per-class": 250,
+    "data.max-train-examples": 0,
+    "train.local-steps": 25,
+    "train.batch-size": 8,
+    "train.learning-rate": 5e-4,
+    "train.head-learning-rate": 2e-3,
+    "train.weight-decay": 0.0,
+    "eval.batch-size": 32,
+    "strategy.name": "fedit",
+    "strategy.fraction-train": 1.0,
+    "strategy.min-train-nodes": 1,
+    "strategy.fraction-evaluate": 0.0,
+    "strategy.round-timeout": 3600.0,
+    "output.dir": "",
+    "output.plots": True,
+}
+
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+PARTITIONERS = ("iid", "dirichlet")
+STRATEGIES = ("fedit",)
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type, or out of range."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    quantization: str
+    compute_dtype: str
+    max_length: int
+    cache_dir: Path
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+    @property
+    def scaling(self) -> float:
+        """LoRA scale alpha/R, with the global R on every client."""
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str
+    files: tuple[str, ...]
+    text_column: str
+    label_column: str
+    partitioner: str
+    dirichlet_alpha: float
+    test_per_class: int
+    max_train_examples: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    head_learning_rate: float
+    weight_decay: float
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str
+    fraction_train: float
+    min_train_nodes: int
+    fraction_evaluate: float
+    round_timeout: float
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    num_rounds: int
+    seed: int
+    model: ModelConfig
+    lora: LoraConfig
+    data: DataConfig
+    train: TrainConfig
+    strategy: StrategyConfig
+    output_dir: Path
+    plots: bool
+    raw: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat run config as given (with defaults filled), for results.json."""
+        return dict(self.raw)
+
+
+def _get(cfg: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = cfg.get(key, DEFAULTS[key])
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"run config '{key}' must be of type {kind.__name__}, got {value!r} "
+            f'({type(value).__name__}). Example: --run-config "{key}={DEFAULTS[key]!r}"'
+        )
+    return value
+
+
+def _choice(cfg: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> str:
+    value = _get(cfg, key, str)
+    if value not in allowed:
+        raise ConfigError(f"run config '{key}' is {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _positive(cfg: Mapping[str, Any], key: str, kind: type, allow_zero: bool = False) -> Any:
+    value = _get(cfg, key, kind)
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"run config '{key}' must be {bound}, got {value!r}")
+    return value
+
+
+def _fraction(cfg: Mapping[str, Any], key: str) -> float:
+    value = _get(cfg, key, float)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"run config '{key}' must lie in [0, 1], got {value!r}")
+    return value
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live: $HAFLQ_CACHE_DIR, else ~/.cache/haflq-flower."""
+    env = os.environ.get("HAFLQ_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "haflq-flower"
+
+
+def default_output_dir() -> Path:
+    """A fresh absolute run directory; the apps do not run in the project directory."""
+    env = os.environ.get("HAFLQ_OUTPUT_DIR")
+    root = Path(env) if env else Path.home() / "haflq-flower-runs"
+    return root / time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
+    """Validate a flat run config (missing keys take their defaults).
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key, a wrong type or a value out of range.
+    """
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"unknown run config key(s): {', '.join(unknown)}. "
+            f"Known keys are listed in pyproject.toml under [tool.flwr.app.config]."
+        )
+    raw = {key: cfg.get(key, default) for key, default in DEFAULTS.items()}
+
+    model_name = _get(cfg, "model.name", str).strip()
+    if not model_name:
+        raise ConfigError("run config 'model.name' is empty; e.g. 'smollm2-135m' or a directory")
+    cache = _get(cfg, "model.cache-dir", str)
+    model = ModelConfig(
+        name=model_name,
+        quantization=_choice(cfg, "model.quantization", QUANTIZATIONS),
+        compute_dtype=_choice(cfg, "model.compute-dtype", COMPUTE_DTYPES),
+        max_length=_positive(cfg, "model.max-length", int),
+        cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
+    )
+
+    targets = _csv(_get(cfg, "lora.target-modules", str))
+    if not targets:
+        raise ConfigError("run config 'lora.target-modules' names no module")
+    dropout = _get(cfg, "lora.dropout", float)
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"run config 'lora.dropout' must lie in [0, 1), got {dropout!r}")
+    lora = LoraConfig(
+        rank=_positive(cfg, "lora.rank", int),
+        alpha=_positive(cfg, "lora.alpha", float),
+        dropout=dropout,
+        target_modules=targets,
+    )
+
+    seed = _get(cfg, "seed", int)
+    data = DataConfig(
+        name=_get(cfg, "data.name", str).strip(),
+        files=_csv(_get(cfg, "data.files", str)),
+        text_column=_get(cfg, "data.text-column", str),
+        label_column=_get(cfg, "data.label-column", str),
+        partitioner=_choice(cfg, "data.partitioner", PARTITIONERS),
+        dirichlet_alpha=_positive(cfg, "data.dirichlet-alpha", float),
+        test_per_class=_positive(cfg, "data.test-per-class", int),
+        max_train_examples=_positive(cfg, "data.max-train-examples", int, allow_zero=True),
+        seed=seed,
+    )
+
+    train = TrainConfig(
+        local_steps=_positive(cfg, "train.local-steps", int),
+        batch_size=_positive(cfg, "train.batch-size", int),
+        learning_rate=_positive(cfg, "train.learning-rate", float),
+        head_learning_rate=_positive(cfg, "train.head-learning-rate", float, allow_zero=True),
+        weight_decay=_positive(cfg, "train.weight-decay", float, allow_zero=True),
+        eval_batch_size=_positive(cfg, "eval.batch-size", int),
+    )
+
+    strategy = StrategyConfig(
+        name=_choice(cfg, "strategy.name", STRATEGIES),
+        fraction_train=_fraction(cfg, "strategy.fraction-train"),
+        min_train_nodes=_positive(cfg, "strategy.min-train-nodes", int),
+        fraction_evaluate=_fraction(cfg, "strategy.fraction-evaluate"),
+        round_timeout=_positive(cfg, "strategy.round-timeout", float),
+    )
+
+    out = _get(cfg, "output.dir", str)
+    output_dir = Path(out).expanduser() if out else default_output_dir()
+    if not output_dir.is_absolute():
+        raise ConfigError(
+            f"run config 'output.dir' must be an absolute path, got {out!r}: under `flwr run` "
+            "the apps run in the SuperLink's working directory, not in the project."
+        )
+
+    return RunConfig(
+        num_rounds=_positive(cfg, "num-server-rounds", int),
+        seed=seed,
+        model=model,
+        lora=lora,
+        data=data,
+        train=train,
+        strategy=strategy,
+        output_dir=output_dir,
+        plots=_get(cfg, "output.plots", bool),
+        raw=raw,
+    )

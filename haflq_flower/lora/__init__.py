@@ -1,0 +1,1 @@
+"""LoRA adapters as federated state: extraction, loading, aggregation math."""

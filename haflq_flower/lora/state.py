@@ -1,0 +1,80 @@
+"""The trainable state of a PEFT model (LoRA factors + head) as plain arrays and records.
+
+Keys are PEFT's adapter-name-free state-dict keys (``...q_proj.lora_A.weight``,
+``...score.weight``), so a state saved here is what ``PeftModel.from_pretrained`` expects.
+Values are float32 numpy arrays: numpy has no bfloat16, and the master copy is fp32.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+LoraState = dict[str, np.ndarray]
+
+
+class StateMismatchError(ValueError):
+    """A received state does not match the model's adapter (keys or shapes)."""
+
+
+def trainable_state(model: PeftModel) -> LoraState:
+    """The adapter's state (LoRA factors and modules_to_save) as float32 arrays."""
+    state = get_peft_model_state_dict(model)
+    return OrderedDict(
+        (name, tensor.detach().to("cpu", torch.float32).numpy().copy())
+        for name, tensor in state.items()
+    )
+
+
+def check_state(expected: LoraState, received: LoraState) -> None:
+    """Raise :class:`StateMismatchError` unless keys, shapes and finiteness match."""
+    missing = sorted(set(expected) - set(received))
+    extra = sorted(set(received) - set(expected))
+    if missing or extra:
+        raise StateMismatchError(
+            f"adapter keys differ: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:2]})"
+        )
+    for name, ref in expected.items():
+        value = received[name]
+        if value.shape != ref.shape:
+            raise StateMismatchError(f"{name}: shape {value.shape}, expected {ref.shape}")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise StateMismatchError(f"{name}: dtype {value.dtype} is not floating point")
+        if not np.all(np.isfinite(value)):
+            raise StateMismatchError(f"{name}: contains NaN or Inf")
+
+
+def load_trainable_state(model: PeftModel, state: LoraState) -> None:
+    """Overwrite the adapter's parameters in place with ``state`` (validated first)."""
+    check_state(trainable_state(model), state)
+    tensors = {
+        name: torch.from_numpy(np.asarray(value, dtype=np.float32)) for name, value in state.items()
+    }
+    result = set_peft_model_state_dict(model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise StateMismatchError(f"PEFT did not accept keys: {unexpected[:3]}")
+
+
+def to_array_record(state: LoraState) -> ArrayRecord:
+    """Pack a state into an ArrayRecord (key order preserved)."""
+    return ArrayRecord(OrderedDict((name, np.ascontiguousarray(v)) for name, v in state.items()))
+
+
+def from_array_record(record: ArrayRecord) -> LoraState:
+    """Unpack an ArrayRecord into float arrays (copies, safe to modify)."""
+    return OrderedDict((name, np.array(arr.numpy(), copy=True)) for name, arr in record.items())
+
+
+def record_dict_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content as Flower serializes it (arrays, configs, metrics)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, (ArrayRecord, ConfigRecord, MetricRecord)):
+            total += record.count_bytes()
+    return total

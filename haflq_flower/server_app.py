@@ -1,0 +1,101 @@
+"""ServerApp: run config -> strategy -> federated rounds -> results, plots, PEFT adapter."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from .config import RunConfig, parse_run_config
+from .data import load_task
+from .logs import setup_logging
+from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
+from .model import load_lora_model, select_device
+from .results import RunRecorder, plot_results
+from .strategy import STRATEGIES
+from .train import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def run_server(grid: Grid, cfg: RunConfig) -> dict:
+    """The whole federated run; returns the ``final`` block of results.json."""
+    log.info("Run config: %s", cfg.to_dict())
+    log.info("Outputs go to %s", cfg.output_dir)
+    device = select_device()
+    task = load_task(cfg.data)
+    log.info(
+        "Data '%s': %d training rows, %d held-out test rows, %d labels",
+        cfg.data.name,
+        len(task.train),
+        len(task.test),
+        task.num_labels,
+    )
+    model, tokenizer = load_lora_model(cfg.model, cfg.lora, task.num_labels, cfg.seed, device)
+    recorder = RunRecorder(cfg.output_dir, cfg.to_dict(), cfg.num_rounds)
+
+    strategy = STRATEGIES[cfg.strategy.name](
+        fraction_train=cfg.strategy.fraction_train,
+        min_train_nodes=cfg.strategy.min_train_nodes,
+        fraction_evaluate=cfg.strategy.fraction_evaluate,
+        seed=cfg.seed,
+    )
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_trainable_state(model, from_array_record(arrays))
+        loss, accuracy = evaluate(
+            model,
+            tokenizer,
+            task.test,
+            batch_size=cfg.train.eval_batch_size,
+            max_length=cfg.model.max_length,
+            compute_dtype=cfg.model.compute_dtype,
+            device=device,
+            desc=f"server eval round {server_round}",
+        )
+        stats = strategy.stats.get(server_round)
+        recorder.record_round(server_round, accuracy, loss, stats.to_dict() if stats else None)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_array_record(trainable_state(model)),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.strategy.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_fn=evaluate_global,
+    )
+
+    load_trainable_state(model, from_array_record(result.arrays))
+    adapter_dir = cfg.output_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    final = recorder.finish(str(adapter_dir))
+    if cfg.plots:
+        plot_results(recorder.data, cfg.output_dir)
+    log.info(
+        "Finished: accuracy %.4f after %d rounds in %.1f s. Results: %s",
+        final["accuracy"],
+        cfg.num_rounds,
+        final["wall_s"],
+        cfg.output_dir,
+    )
+    return final
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; ``overrides`` win over the run config (for in-process simulations)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        setup_logging()
+        run_server(grid, parse_run_config({**dict(context.run_config), **(overrides or {})}))
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,268 @@
+"""A Message-API strategy for federated LoRA, with per-node messages and byte accounting.
+
+:class:`LoRAStrategy` does the Flower plumbing every LoRA method here shares: seeded
+node sampling, one message per node (so subclasses can send each node its own arrays
+and config), validation of replies (a bad reply is logged and excluded, never fatal),
+and exact byte counts of every record sent and received. Subclasses implement the
+method itself in :meth:`LoRAStrategy.aggregate`, and may override the documented
+hooks :meth:`node_config` and :meth:`node_arrays`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..lora.state import (
+    LoraState,
+    StateMismatchError,
+    check_state,
+    from_array_record,
+    record_dict_bytes,
+    to_array_record,
+)
+
+log = logging.getLogger(__name__)
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+NUM_EXAMPLES = "num-examples"
+
+
+@dataclass
+class ClientUpdate:
+    """One validated training reply."""
+
+    node_id: int
+    state: LoraState
+    num_examples: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class ClientRoundStats:
+    node: int
+    num_examples: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_s: float = 0.0
+    train_loss: float = float("nan")
+    peak_mem_bytes: int = 0
+    status: str = "sent"
+
+
+@dataclass
+class RoundStats:
+    round: int
+    bytes_up: int = 0
+    bytes_down: int = 0
+    clients: dict[int, ClientRoundStats] = field(default_factory=dict)
+    rejected: list[dict[str, str | int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["clients"] = [asdict(c) for c in self.clients.values()]
+        return out
+
+
+class LoRAStrategy(Strategy):
+    """Base class of the federated LoRA strategies.
+
+    Parameters
+    ----------
+    fraction_train : float (default: 1.0)
+        Fraction of connected nodes sampled for training each round.
+    min_train_nodes : int (default: 1)
+        Minimum number of nodes sampled for training; the round waits for them.
+    fraction_evaluate : float (default: 0.0)
+        Fraction of nodes asked for federated evaluation on their local data.
+        Centralized evaluation on the held-out test split happens in the ServerApp.
+    seed : int (default: 0)
+        Seeds node sampling, so a run samples the same nodes every time.
+    """
+
+    def __init__(
+        self,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 1,
+        fraction_evaluate: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= fraction_train <= 1.0 or not 0.0 <= fraction_evaluate <= 1.0:
+            raise ValueError("fractions must lie in [0, 1]")
+        if min_train_nodes < 1:
+            raise ValueError("min_train_nodes must be >= 1")
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.fraction_evaluate = fraction_evaluate
+        self.seed = seed
+        self.stats: dict[int, RoundStats] = {}
+        self._global: LoraState | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def node_config(self, server_round: int, node_id: int) -> dict[str, int | float | str]:
+        """Extra config sent to ``node_id`` for training (default: nothing)."""
+        return {}
+
+    def node_arrays(self, server_round: int, node_id: int, global_state: LoraState) -> LoraState:
+        """The arrays sent to ``node_id`` (default: the whole global adapter)."""
+        return global_state
+
+    def aggregate(
+        self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
+    ) -> LoraState:
+        """Combine validated client updates into the next global state."""
+        raise NotImplementedError
+
+    def expected_reply(self, node_id: int, global_state: LoraState) -> LoraState:
+        """Keys and shapes a node's reply must carry (default: those of the global state)."""
+        return global_state
+
+    # --------------------------------------------------------------- sampling
+    def _sample(self, grid: Grid, server_round: int, fraction: float, minimum: int) -> list[int]:
+        nodes = sorted(grid.get_node_ids())
+        wanted = max(int(len(nodes) * fraction), minimum)
+        while len(nodes) < wanted:
+            log.info("Waiting for nodes: %d connected, %d wanted", len(nodes), wanted)
+            time.sleep(1.0)
+            nodes = sorted(grid.get_node_ids())
+        rng = random.Random(self.seed * 100_003 + server_round)
+        return sorted(rng.sample(nodes, wanted))
+
+    # ------------------------------------------------------------ Flower API
+    def summary(self) -> None:
+        log.info(
+            "%s: fraction_train=%.2f min_train_nodes=%d fraction_evaluate=%.2f seed=%d",
+            type(self).__name__,
+            self.fraction_train,
+            self.min_train_nodes,
+            self.fraction_evaluate,
+            self.seed,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = from_array_record(arrays)
+        stats = self.stats.setdefault(server_round, RoundStats(round=server_round))
+        messages = []
+        for node_id in self._sample(grid, server_round, self.fraction_train, self.min_train_nodes):
+            node_cfg = ConfigRecord(
+                {
+                    **dict(config),
+                    "server-round": server_round,
+                    **self.node_config(server_round, node_id),
+                }
+            )
+            content = RecordDict(
+                {
+                    ARRAYS_KEY: to_array_record(
+                        self.node_arrays(server_round, node_id, self._global)
+                    ),
+                    CONFIG_KEY: node_cfg,
+                }
+            )
+            sent = record_dict_bytes(content)
+            stats.clients[node_id] = ClientRoundStats(node=node_id, bytes_down=sent)
+            stats.bytes_down += sent
+            messages.append(
+                Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
+            )
+        log.info("round %d: training on %d node(s)", server_round, len(messages))
+        return messages
+
+    def _reject(self, stats: RoundStats, node_id: int, reason: str) -> None:
+        log.warning("round %d: reply from node %d rejected: %s", stats.round, node_id, reason)
+        stats.rejected.append({"node": node_id, "reason": reason})
+        if node_id in stats.clients:
+            stats.clients[node_id].status = "rejected"
+
+    def parse_reply(self, msg: Message, stats: RoundStats) -> ClientUpdate | None:
+        """Validate one training reply; ``None`` (and a logged reason) if unusable."""
+        node_id = msg.metadata.src_node_id
+        if msg.has_error():
+            self._reject(stats, node_id, f"client error: {msg.error.reason}")
+            return None
+        content = msg.content
+        if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
+            self._reject(stats, node_id, f"reply lacks '{ARRAYS_KEY}' or '{METRICS_KEY}' record")
+            return None
+        metrics = dict(content.metric_records[METRICS_KEY])
+        num_examples = metrics.get(NUM_EXAMPLES)
+        if not isinstance(num_examples, int) or num_examples <= 0:
+            self._reject(stats, node_id, f"bad '{NUM_EXAMPLES}': {num_examples!r}")
+            return None
+        try:
+            state = from_array_record(content.array_records[ARRAYS_KEY])
+            check_state(self.expected_reply(node_id, self._global), state)
+        except (StateMismatchError, ValueError, TypeError) as err:
+            self._reject(stats, node_id, str(err))
+            return None
+        client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
+        client.bytes_up = record_dict_bytes(content)
+        client.num_examples = num_examples
+        client.train_s = float(metrics.get("train-s", 0.0))
+        client.train_loss = float(metrics.get("train-loss", float("nan")))
+        client.peak_mem_bytes = int(metrics.get("peak-mem-bytes", 0))
+        client.status = "ok"
+        stats.bytes_up += client.bytes_up
+        return ClientUpdate(node_id, state, num_examples, {k: float(v) for k, v in metrics.items()})
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.stats.setdefault(server_round, RoundStats(round=server_round))
+        updates = [u for msg in replies if (u := self.parse_reply(msg, stats)) is not None]
+        for client in stats.clients.values():
+            if client.status == "sent":
+                client.status = "no reply"
+        if not updates:
+            log.warning("round %d: no usable reply; the global adapter is unchanged", server_round)
+            return None, None
+        new_state = self.aggregate(server_round, self._global, updates)
+        total = sum(u.num_examples for u in updates)
+        loss = sum(u.num_examples * u.metrics.get("train-loss", 0.0) for u in updates) / total
+        metrics = MetricRecord({"train-loss": loss, NUM_EXAMPLES: total, "clients": len(updates)})
+        return to_array_record(new_state), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        content = RecordDict(
+            {
+                ARRAYS_KEY: arrays,
+                CONFIG_KEY: ConfigRecord({**dict(config), "server-round": server_round}),
+            }
+        )
+        nodes = self._sample(grid, server_round, self.fraction_evaluate, 1)
+        return [
+            Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE)
+            for n in nodes
+        ]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        total, acc, loss = 0, 0.0, 0.0
+        for msg in replies:
+            if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
+                continue
+            m = msg.content.metric_records[METRICS_KEY]
+            n = int(m.get(NUM_EXAMPLES, 0))
+            if n > 0:
+                total += n
+                acc += n * float(m.get("accuracy", 0.0))
+                loss += n * float(m.get("loss", 0.0))
+        if total == 0:
+            return None
+        return MetricRecord({"accuracy": acc / total, "loss": loss / total, NUM_EXAMPLES: total})
