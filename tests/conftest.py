@@ -1,0 +1,50 @@
+"""Shared fixtures: a private model cache, Flower task identity, the tiny model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from flwr.supercore.task_identity import TaskIdentity
+
+from haflq_flower.config import parse_run_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Converted models and run outputs go to temporary dirs, never the user's cache."""
+    os.environ["HAFLQ_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["HAFLQ_OUTPUT_DIR"] = str(tmp_path_factory.mktemp("runs"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages built outside a Flower runtime need a task identity (flwr >= 1.38)."""
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 1
+
+
+TINY = {
+    "model.name": "tiny",
+    "data.test-per-class": 20,
+    "data.max-train-examples": 400,
+    "train.local-steps": 3,
+    "num-server-rounds": 2,
+}
+
+
+@pytest.fixture
+def tiny_config():
+    """A parsed run config for the tiny model (overridable per test)."""
+
+    def make(**overrides):
+        return parse_run_config(
+            {**TINY, **{k.replace("__", ".").replace("_", "-"): v for k, v in overrides.items()}}
+        )
+
+    return make

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from haflq_flower.config import DEFAULTS, ConfigError, parse_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _flatten(prefix: str, table: dict) -> dict:
+    out = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}" if prefix else key
+        out.update(_flatten(full, value) if isinstance(value, dict) else {full: value})
+    return out
+
+
+def test_defaults_match_pyproject():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = _flatten("", pyproject["tool"]["flwr"]["app"]["config"])
+    assert declared == DEFAULTS
+
+
+def test_empty_config_takes_defaults():
+    cfg = parse_run_config({})
+    assert cfg.num_rounds == DEFAULTS["num-server-rounds"]
+    assert cfg.lora.rank == 8 and cfg.lora.scaling == 16 / 8
+    assert cfg.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert cfg.output_dir.is_absolute()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("lora.rank", 0, "lora.rank"),
+        ("lora.rank", "eight", "must be of type int"),
+        ("model.quantization", "3bit", "allowed: none, nf4, fp4, int8"),
+        ("data.partitioner", "shards", "allowed: iid, dirichlet"),
+        ("strategy.fraction-train", 1.5, "[0, 1]"),
+        ("output.dir", "relative/path", "absolute"),
+        ("lora.target-modules", " , ", "names no module"),
+        ("no.such-key", 1, "unknown run config key"),
+    ],
+)
+def test_bad_values_name_the_key(key, value, fragment):
+    with pytest.raises(ConfigError, match=None) as err:
+        parse_run_config({key: value})
+    assert fragment in str(err.value)
+
+
+def test_int_given_for_float_is_accepted():
+    assert parse_run_config({"train.learning-rate": 1}).train.learning_rate == 1.0

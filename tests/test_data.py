@@ -1,0 +1,99 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from haflq_flower.config import parse_run_config
+from haflq_flower.data import (
+    DataLoadError,
+    balanced_test_split,
+    client_partition,
+    load_task,
+    partition_indices,
+)
+
+
+def test_rotten_tomatoes_split_is_balanced_and_disjoint():
+    cfg = parse_run_config({"data.test-per-class": 100}).data
+    task = load_task(cfg)
+    assert task.label_names == ("rotten", "fresh")
+    assert task.test["label"].value_counts().to_dict() == {0: 100, 1: 100}
+    assert len(task.train) + len(task.test) == 7403 + 5405
+
+
+def test_test_split_depends_on_seed_only():
+    frame = pd.DataFrame(
+        {"text": [f"t{i}" for i in range(100)], "label": [i % 2 for i in range(100)]}
+    )
+    a = balanced_test_split(frame, 10, seed=1)[1]
+    b = balanced_test_split(frame, 10, seed=1)[1]
+    c = balanced_test_split(frame, 10, seed=2)[1]
+    assert a.equals(b) and not a.equals(c)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_partitions_are_reproducible_and_disjoint(partitioner):
+    labels = np.array([i % 3 for i in range(600)])
+    first = partition_indices(labels, 5, partitioner, 0.5, seed=7)
+    second = partition_indices(labels, 5, partitioner, 0.5, seed=7)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+    flat = np.concatenate(first)
+    assert len(flat) == len(set(flat.tolist())) == 600
+    other = partition_indices(labels, 5, partitioner, 0.5, seed=8)
+    assert any(len(a) != len(b) or (a != b).any() for a, b in zip(first, other, strict=True))
+
+
+def test_dirichlet_skews_labels_iid_does_not():
+    labels = np.array([i % 2 for i in range(2000)])
+    iid = partition_indices(labels, 4, "iid", 0.5, seed=0)
+    skew = partition_indices(labels, 4, "dirichlet", 0.1, seed=0)
+    iid_share = [labels[p].mean() for p in iid]
+    skew_share = [labels[p].mean() for p in skew]
+    assert max(abs(s - 0.5) for s in iid_share) < 0.1
+    assert max(abs(s - 0.5) for s in skew_share) > 0.3
+
+
+def test_client_partition_matches_across_calls():
+    cfg = parse_run_config({}).data
+    a = client_partition(cfg, 1, 3)
+    b = client_partition(cfg, 1, 3)
+    assert a.equals(b) and len(a) > 0
+
+
+def test_local_csv_with_custom_columns(tmp_path):
+    path = tmp_path / "reviews.csv"
+    pd.DataFrame(
+        {
+            "review": [f"good {i}" for i in range(30)] + [f"bad {i}" for i in range(30)],
+            "sentiment": ["pos"] * 30 + ["neg"] * 30,
+        }
+    ).to_csv(path, index=False)
+    cfg = parse_run_config(
+        {
+            "data.name": "local",
+            "data.files": str(path),
+            "data.text-column": "review",
+            "data.label-column": "sentiment",
+            "data.test-per-class": 5,
+        }
+    ).data
+    task = load_task(cfg)
+    assert task.label_names == ("neg", "pos")
+    assert len(task.test) == 10 and len(task.train) == 50
+
+
+def test_missing_file_and_column_errors(tmp_path):
+    with pytest.raises(DataLoadError, match="not found"):
+        load_task(
+            parse_run_config({"data.name": "local", "data.files": str(tmp_path / "x.csv")}).data
+        )
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"a": ["x"] * 10, "b": [0, 1] * 5}).to_csv(path, index=False)
+    with pytest.raises(DataLoadError, match="data.text-column"):
+        load_task(parse_run_config({"data.name": "local", "data.files": str(path)}).data)
+
+
+def test_too_few_examples_for_test_split():
+    frame = pd.DataFrame({"text": ["a", "b", "c"], "label": [0, 1, 1]})
+    with pytest.raises(DataLoadError, match="Lower it"):
+        balanced_test_split(frame, 1, seed=0)

