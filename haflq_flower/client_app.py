@@ -65,12 +65,14 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     )
     metrics = MetricRecord(
         {
-            NUM_EXAMPLES: result.num_examples,
+            # FedAvg weight n_k: the size of the local dataset (not the examples seen, which
+            # is steps x batch and the same for every client).
+            NUM_EXAMPLES: len(frame),
+            "examples-seen": result.num_examples,
             "train-loss": result.loss,
             "train-s": result.train_s,
             "steps": result.steps,
             "peak-mem-bytes": result.peak_mem_bytes,
-            "partition-size": len(frame),
         }
     )
     reply = RecordDict({ARRAYS_KEY: to_array_record(trainable_state(model)), METRICS_KEY: metrics})

@@ -18,7 +18,7 @@ from typing import Any
 
 # Defaults of every run-config key. Must match [tool.flwr.app.config] in pyproject.toml.
 DEFAULTS: dict[str, Any] = {
-    "num-server-rounds": 3,
+    "num-server-rounds": 4,
     "seed": 0,
     "model.name": "smollm2-135m",
     "model.quantization": "nf4",
@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "data.files": "",
     "data.text-column": "text",
     "data.label-column": "label",
-    "data.partitioner": "dirichlet",
+    "data.partitioner": "iid",
     "data.dirichlet-alpha": 0.5,
     "data.test-per-class": 250,
     "data.max-train-examples": 0,

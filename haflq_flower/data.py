@@ -26,8 +26,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 from .config import DataConfig
 
@@ -203,6 +201,9 @@ def partition_indices(
     labels: np.ndarray, num_partitions: int, partitioner: str, alpha: float, seed: int
 ) -> list[np.ndarray]:
     """Row indices of every client's partition (flwr-datasets partitioners, seeded)."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     if num_partitions < 1:
         raise DataLoadError(f"num_partitions must be >= 1, got {num_partitions}")
     dataset = Dataset.from_dict({"label": labels.tolist(), "row": list(range(len(labels)))})

@@ -256,16 +256,23 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         run_id, status = run_app(
-            app_dir, flwr_home, args.num_supernodes, run_config,
-            args.client_cpus, gpus, args.timeout,
+            app_dir,
+            flwr_home,
+            args.num_supernodes,
+            run_config,
+            args.client_cpus,
+            gpus,
+            args.timeout,
         )
     finally:
         if own_home:
             shutil.rmtree(flwr_home, ignore_errors=True)
     elapsed = time.perf_counter() - start
     if status != "finished:completed":
-        print(f"error: run {run_id} ended with status '{status}' after {elapsed:.0f}s",
-              file=sys.stderr)
+        print(
+            f"error: run {run_id} ended with status '{status}' after {elapsed:.0f}s",
+            file=sys.stderr,
+        )
         return 1
     print(f"Run {run_id} completed in {elapsed:.0f}s. Outputs: {output_dir}")
     results = output_dir / "results.json"
