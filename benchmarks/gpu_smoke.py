@@ -39,7 +39,6 @@ def main() -> None:
     frame = pd.read_csv(args.texts)
     tmp = Path(tempfile.mkdtemp())
     config = AutoConfig.from_pretrained(args.config)
-    config.pop("quantization_config", None) if isinstance(config, dict) else None
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp)
     AutoTokenizer.from_pretrained(args.tokenizer).save_pretrained(tmp)

@@ -78,6 +78,9 @@ class SuperLink:
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
+    # The SuperLink spawns flower-superexec, flwr-simulation, ... by name: put this
+    # environment's scripts first on PATH even when the venv is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_DISABLE_UPDATE_CHECK="1",
