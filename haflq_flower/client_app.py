@@ -6,17 +6,35 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig, parse_run_config
 from .data import client_partition, load_task
 from .logs import setup_logging
+from .lora.components import (
+    check_selection,
+    component_delta,
+    gather,
+    lora_modules,
+    module_rank,
+    scatter,
+)
 from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
+from .lora.view import FREEZE, MODES, component_view
 from .model import load_lora_model, select_device
+from .profiles import resolve_profile
 from .strategy.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
-from .train import evaluate, train_local
+from .strategy.haflq import (
+    PROFILE_KEY,
+    SCORES_KEY,
+    SELECTION_KEY,
+    record_to_arrays,
+    selection_to_record,
+)
+from .train import TrainResult, evaluate, train_local
 
 log = logging.getLogger(__name__)
 
@@ -43,40 +61,94 @@ def _partition(context: Context) -> tuple[int, int]:
         ) from err
 
 
-def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Load the received adapter, train on the local partition, reply with the adapter."""
-    pid, num_parts = _partition(context)
-    server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
-    device = select_device()
-    task = load_task(cfg.data)
-    model, tokenizer = _model(cfg, task.num_labels, device)
-    load_trainable_state(model, from_array_record(msg.content[ARRAYS_KEY]))
-    frame = client_partition(cfg.data, pid, num_parts)
-    result = train_local(
-        model,
-        tokenizer,
-        frame,
-        cfg.train,
-        max_length=cfg.model.max_length,
-        compute_dtype=cfg.model.compute_dtype,
-        device=device,
-        seed=cfg.seed * 1_000_003 + server_round * 1009 + pid,
-        desc=f"client {pid} round {server_round}",
-    )
-    metrics = MetricRecord(
+def _train_metrics(num_rows: int, result: TrainResult) -> MetricRecord:
+    return MetricRecord(
         {
             # FedAvg weight n_k: the size of the local dataset (not the examples seen, which
             # is steps x batch and the same for every client).
-            NUM_EXAMPLES: len(frame),
+            NUM_EXAMPLES: num_rows,
             "examples-seen": result.num_examples,
             "train-loss": result.loss,
             "train-s": result.train_s,
             "steps": result.steps,
             "peak-mem-bytes": result.peak_mem_bytes,
+            "trainable-params": result.trainable_params,
+            "optimizer-state-bytes": result.optimizer_state_bytes,
         }
     )
-    reply = RecordDict({ARRAYS_KEY: to_array_record(trainable_state(model)), METRICS_KEY: metrics})
+
+
+def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Load the received adapter, train on the local partition, reply with the update.
+
+    Without a ``mode`` in the config (FedIT), the whole adapter is trained and sent back.
+    With ``mode`` = freeze or truncate (HAFLQ, HetLoRA), only the components named in the
+    ``selection`` record are trained, and their deltas, indices and importance scores
+    are sent back.
+    """
+    pid, num_parts = _partition(context)
+    node_cfg = msg.content[CONFIG_KEY]
+    server_round = int(node_cfg.get("server-round", 0))
+    mode = str(node_cfg.get("mode", ""))
+    if mode and mode not in MODES:
+        raise ValueError(f"unknown training mode {mode!r} from the server; allowed: {MODES}")
+    device = select_device()
+    task = load_task(cfg.data)
+    model, tokenizer = _model(cfg, task.num_labels, device)
+    frame = client_partition(cfg.data, pid, num_parts)
+
+    def run(after_backward=None) -> TrainResult:
+        return train_local(
+            model,
+            tokenizer,
+            frame,
+            cfg.train,
+            max_length=cfg.model.max_length,
+            compute_dtype=cfg.model.compute_dtype,
+            device=device,
+            seed=cfg.seed * 1_000_003 + server_round * 1009 + pid,
+            desc=f"client {pid} round {server_round}"
+            + (f" ({mode} r={node_cfg['rank']})" if mode else ""),
+            after_backward=after_backward,
+        )
+
+    received = from_array_record(msg.content[ARRAYS_KEY])
+    if not mode:
+        load_trainable_state(model, received)
+        result = run()
+        records = {ARRAYS_KEY: to_array_record(trainable_state(model))}
+    else:
+        current = trainable_state(model)
+        modules = lora_modules(current)
+        selection = check_selection(
+            record_to_arrays(msg.content.array_records[SELECTION_KEY]),
+            modules,
+            module_rank(current, modules[0]),
+        )
+        # freeze: the whole rank-R adapter arrives; truncate: only the selected components.
+        full = received if mode == FREEZE else scatter(current, received, selection)
+        load_trainable_state(model, full)
+        before = gather(full, selection)
+        imp = cfg.strategy.importance
+        with component_view(model, selection, mode, imp.beta1, imp.beta2) as view:
+            result = run(after_backward=view.track_importance)
+            scores = view.scores()
+        delta = component_delta(before, gather(trainable_state(model), selection))
+        records = {
+            ARRAYS_KEY: to_array_record(delta),
+            SELECTION_KEY: selection_to_record(selection),
+            SCORES_KEY: to_array_record({m: v.astype(np.float32) for m, v in scores.items()}),
+        }
+    reply = RecordDict({**records, METRICS_KEY: _train_metrics(len(frame), result)})
     return Message(content=reply, reply_to=msg)
+
+
+def handle_profile(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Tell the server what this node can do (its tier and LoRA rank budget)."""
+    profile = resolve_profile(context.node_config, cfg.strategy.tiers)
+    return Message(
+        content=RecordDict({PROFILE_KEY: ConfigRecord(profile.to_record())}), reply_to=msg
+    )
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -116,6 +188,10 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @client_app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, config(context))
+
+    @client_app.query("profile")
+    def profile(msg: Message, context: Context) -> Message:
+        return handle_profile(msg, context, config(context))
 
     return client_app
 

@@ -16,13 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .hardware import auto_compute_dtype
+from .profiles import ProfileError, TierTable
+
 # Defaults of every run-config key. Must match [tool.flwr.app.config] in pyproject.toml.
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 4,
     "seed": 0,
     "model.name": "smollm2-135m",
     "model.quantization": "nf4",
-    "model.compute-dtype": "bfloat16",
+    "model.compute-dtype": "auto",
     "model.max-length": 64,
     "model.cache-dir": "",
     "lora.rank": 8,
@@ -44,6 +47,15 @@ DEFAULTS: dict[str, Any] = {
     "train.weight-decay": 0.0,
     "eval.batch-size": 32,
     "strategy.name": "fedit",
+    "strategy.mode": "freeze",
+    "strategy.aggregation": "adaptive",
+    "importance.beta1": 0.85,
+    "importance.beta2": 0.85,
+    "importance.smoothing": 0.5,
+    "importance.tie-break": "index",
+    "tiers.names": "low,mid,high",
+    "tiers.lora-ranks": "2,4,8",
+    "tiers.fractions": "",
     "strategy.fraction-train": 1.0,
     "strategy.min-train-nodes": 1,
     "strategy.fraction-evaluate": 0.0,
@@ -53,9 +65,12 @@ DEFAULTS: dict[str, Any] = {
 }
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARTITIONERS = ("iid", "dirichlet")
-STRATEGIES = ("fedit",)
+STRATEGIES = ("fedit", "haflq", "hetlora")
+MODES = ("freeze", "truncate")
+AGGREGATIONS = ("adaptive", "zero-pad")
+TIE_BREAKS = ("index", "seed")
 
 
 class ConfigError(ValueError):
@@ -108,12 +123,24 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ImportanceConfig:
+    beta1: float
+    beta2: float
+    smoothing: float
+    tie_break: str
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     name: str
+    mode: str
+    aggregation: str
     fraction_train: float
     min_train_nodes: int
     fraction_evaluate: float
     round_timeout: float
+    importance: ImportanceConfig
+    tiers: TierTable
 
 
 @dataclass(frozen=True)
@@ -172,6 +199,19 @@ def _fraction(cfg: Mapping[str, Any], key: str) -> float:
     return value
 
 
+def _compute_dtype(cfg: Mapping[str, Any]) -> str:
+    """The compute dtype; ``auto`` resolves here, on the machine that parses the config."""
+    value = _choice(cfg, "model.compute-dtype", COMPUTE_DTYPES)
+    return auto_compute_dtype() if value == "auto" else value
+
+
+def _unit_interval(cfg: Mapping[str, Any], key: str) -> float:
+    value = _get(cfg, key, float)
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"run config '{key}' must lie in [0, 1), got {value!r}")
+    return value
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
@@ -212,7 +252,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     model = ModelConfig(
         name=model_name,
         quantization=_choice(cfg, "model.quantization", QUANTIZATIONS),
-        compute_dtype=_choice(cfg, "model.compute-dtype", COMPUTE_DTYPES),
+        compute_dtype=_compute_dtype(cfg),
         max_length=_positive(cfg, "model.max-length", int),
         cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
     )
@@ -252,8 +292,27 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         eval_batch_size=_positive(cfg, "eval.batch-size", int),
     )
 
+    importance = ImportanceConfig(
+        beta1=_unit_interval(cfg, "importance.beta1"),
+        beta2=_unit_interval(cfg, "importance.beta2"),
+        smoothing=_unit_interval(cfg, "importance.smoothing"),
+        tie_break=_choice(cfg, "importance.tie-break", TIE_BREAKS),
+    )
+    try:
+        ranks = [int(r) for r in _csv(_get(cfg, "tiers.lora-ranks", str))]
+        fractions = [float(f) for f in _csv(_get(cfg, "tiers.fractions", str))]
+        tiers = TierTable.from_lists(_csv(_get(cfg, "tiers.names", str)), ranks, fractions)
+    except (ProfileError, ValueError) as err:
+        raise ConfigError(
+            f'run config tiers: {err}. Example: tiers.names="low,mid,high" '
+            f'tiers.lora-ranks="2,4,8" tiers.fractions="0.4,0.3,0.3"'
+        ) from err
     strategy = StrategyConfig(
         name=_choice(cfg, "strategy.name", STRATEGIES),
+        mode=_choice(cfg, "strategy.mode", MODES),
+        aggregation=_choice(cfg, "strategy.aggregation", AGGREGATIONS),
+        importance=importance,
+        tiers=tiers,
         fraction_train=_fraction(cfg, "strategy.fraction-train"),
         min_train_nodes=_positive(cfg, "strategy.min-train-nodes", int),
         fraction_evaluate=_fraction(cfg, "strategy.fraction-evaluate"),

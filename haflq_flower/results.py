@@ -64,8 +64,11 @@ class RunRecorder:
             "bytes_up": stats.get("bytes_up", 0),
             "bytes_down": stats.get("bytes_down", 0),
             "wall_s": time.perf_counter() - self.start,
+            "control_bytes": stats.get("control_bytes", 0),
+            "strategy_s": stats.get("strategy_s", 0.0),
             "clients": stats.get("clients", []),
             "rejected": stats.get("rejected", []),
+            **stats.get("extra", {}),
         }
         self.data["rounds"].append(entry)
         write_json_atomic(self.results_path, self.data)

@@ -15,7 +15,7 @@ from .logs import setup_logging
 from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
 from .model import load_lora_model, select_device
 from .results import RunRecorder, plot_results
-from .strategy import STRATEGIES
+from .strategy import build_strategy
 from .train import evaluate
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     model, tokenizer = load_lora_model(cfg.model, cfg.lora, task.num_labels, cfg.seed, device)
     recorder = RunRecorder(cfg.output_dir, cfg.to_dict(), cfg.num_rounds)
 
-    strategy = STRATEGIES[cfg.strategy.name](
-        fraction_train=cfg.strategy.fraction_train,
-        min_train_nodes=cfg.strategy.min_train_nodes,
-        fraction_evaluate=cfg.strategy.fraction_evaluate,
-        seed=cfg.seed,
-    )
+    strategy = build_strategy(cfg)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_trainable_state(model, from_array_record(arrays))

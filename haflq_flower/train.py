@@ -8,7 +8,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,6 +31,8 @@ class TrainResult:
     steps: int
     train_s: float
     peak_mem_bytes: int
+    trainable_params: int = 0
+    optimizer_state_bytes: int = 0
 
 
 def _rss_bytes() -> int:
@@ -113,8 +115,13 @@ def train_local(
     device: torch.device,
     seed: int,
     desc: str = "train",
+    after_backward: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Run ``cfg.local_steps`` optimizer steps on ``frame``; a fresh optimizer each call."""
+    """Run ``cfg.local_steps`` optimizer steps on ``frame``; a fresh optimizer each call.
+
+    ``after_backward`` runs after every backward pass, before the optimizer step (the
+    importance tracker reads the gradients there).
+    """
     if len(frame) == 0:
         raise ValueError("cannot train on an empty partition")
     torch.manual_seed(seed)
@@ -138,6 +145,8 @@ def train_local(
                 raise FloatingPointError(f"{desc}: non-finite loss at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             optimizer.step()
             losses.append(float(loss.detach()))
             examples += len(rows)
@@ -157,6 +166,18 @@ def train_local(
         steps=len(losses),
         train_s=time.perf_counter() - start,
         peak_mem_bytes=peak[0],
+        trainable_params=sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+        optimizer_state_bytes=optimizer_state_bytes(optimizer),
+    )
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Exact bytes of the optimizer's state tensors (AdamW: two moments per parameter)."""
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v)
     )
 
 

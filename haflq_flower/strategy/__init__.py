@@ -1,8 +1,52 @@
 """Federated LoRA strategies: the extendable base and the methods built on it."""
 
-from .base import ClientUpdate, LoRAStrategy, RoundStats
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import ClientUpdate, LoRAStrategy, ReplyError, RoundStats
 from .fedit import FedIT
+from .haflq import HAFLQStrategy
+from .hetlora import HetLoRA
 
-STRATEGIES = {"fedit": FedIT}
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
-__all__ = ["ClientUpdate", "FedIT", "LoRAStrategy", "RoundStats", "STRATEGIES"]
+STRATEGIES: dict[str, type[LoRAStrategy]] = {
+    "fedit": FedIT,
+    "haflq": HAFLQStrategy,
+    "hetlora": HetLoRA,
+}
+
+
+def build_strategy(cfg: RunConfig) -> LoRAStrategy:
+    """The strategy named by ``strategy.name``, with every knob from the run config."""
+    common = dict(
+        fraction_train=cfg.strategy.fraction_train,
+        min_train_nodes=cfg.strategy.min_train_nodes,
+        fraction_evaluate=cfg.strategy.fraction_evaluate,
+        seed=cfg.seed,
+    )
+    cls = STRATEGIES[cfg.strategy.name]
+    if issubclass(cls, HAFLQStrategy):
+        return cls(
+            mode=cfg.strategy.mode,
+            aggregation=cfg.strategy.aggregation,
+            importance_smoothing=cfg.strategy.importance.smoothing,
+            tie_break=cfg.strategy.importance.tie_break,
+            **common,
+        )
+    return cls(**common)
+
+
+__all__ = [
+    "ClientUpdate",
+    "FedIT",
+    "HAFLQStrategy",
+    "HetLoRA",
+    "LoRAStrategy",
+    "ReplyError",
+    "RoundStats",
+    "STRATEGIES",
+    "build_strategy",
+]

@@ -5,7 +5,7 @@ node sampling, one message per node (so subclasses can send each node its own ar
 and config), validation of replies (a bad reply is logged and excluded, never fatal),
 and exact byte counts of every record sent and received. Subclasses implement the
 method itself in :meth:`LoRAStrategy.aggregate`, and may override the documented
-hooks :meth:`node_config` and :meth:`node_arrays`.
+hooks :meth:`prepare_round`, :meth:`train_records` and :meth:`decode_reply`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -22,7 +23,6 @@ from flwr.serverapp.strategy import Strategy
 
 from ..lora.state import (
     LoraState,
-    StateMismatchError,
     check_state,
     from_array_record,
     record_dict_bytes,
@@ -37,12 +37,20 @@ METRICS_KEY = "metrics"
 NUM_EXAMPLES = "num-examples"
 
 
+class ReplyError(ValueError):
+    """A client's reply cannot be used; the message says why."""
+
+
 @dataclass
 class ClientUpdate:
-    """One validated training reply."""
+    """One validated training reply.
+
+    ``payload`` is what :meth:`LoRAStrategy.decode_reply` made of the reply: a full
+    adapter state for FedIT, the uploaded components for HAFLQ and HetLoRA.
+    """
 
     node_id: int
-    state: LoraState
+    payload: Any
     num_examples: int
     metrics: dict[str, float]
 
@@ -50,12 +58,17 @@ class ClientUpdate:
 @dataclass
 class ClientRoundStats:
     node: int
+    tier: str = ""
+    rank: int = 0
     num_examples: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     train_s: float = 0.0
     train_loss: float = float("nan")
     peak_mem_bytes: int = 0
+    trainable_params: int = 0
+    optimizer_state_bytes: int = 0
+    components_up: int = 0
     status: str = "sent"
 
 
@@ -64,8 +77,14 @@ class RoundStats:
     round: int
     bytes_up: int = 0
     bytes_down: int = 0
+    # Profile queries and other control messages, counted apart from the training payload.
+    control_bytes: int = 0
+    # Seconds the strategy itself spent (configure + aggregate), not waiting for clients.
+    strategy_s: float = 0.0
     clients: dict[int, ClientRoundStats] = field(default_factory=dict)
     rejected: list[dict[str, str | int]] = field(default_factory=list)
+    # Strategy-specific per-round facts (e.g. how many clients updated each component).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -108,23 +127,35 @@ class LoRAStrategy(Strategy):
         self._global: LoraState | None = None
 
     # ------------------------------------------------------------------ hooks
-    def node_config(self, server_round: int, node_id: int) -> dict[str, int | float | str]:
-        """Extra config sent to ``node_id`` for training (default: nothing)."""
-        return {}
+    def prepare_round(self, server_round: int, grid: Grid, node_ids: list[int]) -> None:
+        """Called once per round with the sampled nodes, before any message is built."""
 
-    def node_arrays(self, server_round: int, node_id: int, global_state: LoraState) -> LoraState:
-        """The arrays sent to ``node_id`` (default: the whole global adapter)."""
-        return global_state
+    def train_records(
+        self, server_round: int, node_id: int, global_state: LoraState
+    ) -> dict[str, ArrayRecord | ConfigRecord]:
+        """The records sent to ``node_id`` for training (default: the whole adapter).
+
+        A ``config`` record returned here is merged into the round's config.
+        """
+        return {ARRAYS_KEY: to_array_record(global_state)}
+
+    def decode_reply(self, node_id: int, content: RecordDict, stats: ClientRoundStats) -> Any:
+        """Turn a reply into the payload :meth:`aggregate` consumes.
+
+        Raise :class:`ReplyError` (or ``ValueError``) to reject it. Default: a full adapter
+        state with the keys and shapes of the global one.
+        """
+        if ARRAYS_KEY not in content.array_records:
+            raise ReplyError(f"reply lacks the '{ARRAYS_KEY}' record")
+        state = from_array_record(content.array_records[ARRAYS_KEY])
+        check_state(self._global, state)
+        return state
 
     def aggregate(
         self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
         """Combine validated client updates into the next global state."""
         raise NotImplementedError
-
-    def expected_reply(self, node_id: int, global_state: LoraState) -> LoraState:
-        """Keys and shapes a node's reply must carry (default: those of the global state)."""
-        return global_state
 
     # --------------------------------------------------------------- sampling
     def _sample(self, grid: Grid, server_round: int, fraction: float, minimum: int) -> list[int]:
@@ -153,29 +184,28 @@ class LoRAStrategy(Strategy):
     ) -> Iterable[Message]:
         self._global = from_array_record(arrays)
         stats = self.stats.setdefault(server_round, RoundStats(round=server_round))
+        node_ids = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes)
+        self.prepare_round(server_round, grid, node_ids)
+        start = time.perf_counter()
         messages = []
-        for node_id in self._sample(grid, server_round, self.fraction_train, self.min_train_nodes):
+        for node_id in node_ids:
+            records = dict(self.train_records(server_round, node_id, self._global))
             node_cfg = ConfigRecord(
                 {
                     **dict(config),
+                    **dict(records.pop(CONFIG_KEY, ConfigRecord())),
                     "server-round": server_round,
-                    **self.node_config(server_round, node_id),
                 }
             )
-            content = RecordDict(
-                {
-                    ARRAYS_KEY: to_array_record(
-                        self.node_arrays(server_round, node_id, self._global)
-                    ),
-                    CONFIG_KEY: node_cfg,
-                }
-            )
+            content = RecordDict({**records, CONFIG_KEY: node_cfg})
             sent = record_dict_bytes(content)
-            stats.clients[node_id] = ClientRoundStats(node=node_id, bytes_down=sent)
+            client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
+            client.bytes_down = sent
             stats.bytes_down += sent
             messages.append(
                 Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
             )
+        stats.strategy_s += time.perf_counter() - start
         log.info("round %d: training on %d node(s)", server_round, len(messages))
         return messages
 
@@ -192,42 +222,49 @@ class LoRAStrategy(Strategy):
             self._reject(stats, node_id, f"client error: {msg.error.reason}")
             return None
         content = msg.content
-        if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
-            self._reject(stats, node_id, f"reply lacks '{ARRAYS_KEY}' or '{METRICS_KEY}' record")
+        if METRICS_KEY not in content.metric_records:
+            self._reject(stats, node_id, f"reply lacks the '{METRICS_KEY}' record")
             return None
         metrics = dict(content.metric_records[METRICS_KEY])
         num_examples = metrics.get(NUM_EXAMPLES)
         if not isinstance(num_examples, int) or num_examples <= 0:
             self._reject(stats, node_id, f"bad '{NUM_EXAMPLES}': {num_examples!r}")
             return None
+        client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
         try:
-            state = from_array_record(content.array_records[ARRAYS_KEY])
-            check_state(self.expected_reply(node_id, self._global), state)
-        except (StateMismatchError, ValueError, TypeError) as err:
+            payload = self.decode_reply(node_id, content, client)
+        except (ValueError, TypeError, KeyError, IndexError) as err:
             self._reject(stats, node_id, str(err))
             return None
-        client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
         client.bytes_up = record_dict_bytes(content)
         client.num_examples = num_examples
         client.train_s = float(metrics.get("train-s", 0.0))
         client.train_loss = float(metrics.get("train-loss", float("nan")))
         client.peak_mem_bytes = int(metrics.get("peak-mem-bytes", 0))
+        client.trainable_params = int(metrics.get("trainable-params", 0))
+        client.optimizer_state_bytes = int(metrics.get("optimizer-state-bytes", 0))
         client.status = "ok"
         stats.bytes_up += client.bytes_up
-        return ClientUpdate(node_id, state, num_examples, {k: float(v) for k, v in metrics.items()})
+        return ClientUpdate(
+            node_id, payload, num_examples, {k: float(v) for k, v in metrics.items()}
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats(round=server_round))
+        replies = list(replies)
+        start = time.perf_counter()
         updates = [u for msg in replies if (u := self.parse_reply(msg, stats)) is not None]
         for client in stats.clients.values():
             if client.status == "sent":
                 client.status = "no reply"
         if not updates:
             log.warning("round %d: no usable reply; the global adapter is unchanged", server_round)
+            stats.strategy_s += time.perf_counter() - start
             return None, None
         new_state = self.aggregate(server_round, self._global, updates)
+        stats.strategy_s += time.perf_counter() - start
         total = sum(u.num_examples for u in updates)
         loss = sum(u.num_examples * u.metrics.get("train-loss", 0.0) for u in updates) / total
         metrics = MetricRecord({"train-loss": loss, NUM_EXAMPLES: total, "clients": len(updates)})

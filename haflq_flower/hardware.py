@@ -1,0 +1,33 @@
+"""What this machine computes fast: the compute dtype behind ``model.compute-dtype=auto``.
+
+bfloat16 is only fast where the hardware has it: CUDA GPUs with bf16 support, and CPUs
+with AVX512-BF16 or AMX. On other CPUs (e.g. AVX2-only) PyTorch emulates bf16 matmuls,
+measured 30x slower than float32 on our AVX2 machines (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when /proc/cpuinfo lists AVX512-BF16 or AMX-BF16."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def auto_compute_dtype() -> str:
+    """``bfloat16`` on a bf16-capable GPU or CPU, else ``float32``."""
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"

@@ -1,0 +1,125 @@
+"""The rank-1 view of a LoRA adapter state: gather, scatter and index components.
+
+A LoRA module ``m`` holds ``A_m`` (R x d_in) and ``B_m`` (d_out x R); its update is
+``s * B_m A_m = s * sum_i b_{m,i} a_{m,i}^T`` with ``b_{m,i} = B_m[:, i]`` and
+``a_{m,i} = A_m[i, :]`` and one global scale ``s = alpha / R``. Component ``i`` of ``m``
+is the pair ``(b_{m,i}, a_{m,i})``. These functions work on :data:`LoraState` dicts
+(PEFT state-dict keys -> numpy arrays) and know nothing of Flower or models.
+
+A *selection* maps every LoRA module to the global indices of its chosen components.
+A *sub-state* has the same keys as the full state, but each module keeps only the
+selected components, in selection order: ``A[idx, :]`` and ``B[:, idx]``. Non-LoRA
+entries (the classification head) are carried whole.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import numpy as np
+
+from .state import LoraState
+
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+
+Selection = dict[str, np.ndarray]
+
+
+def a_key(module: str) -> str:
+    return module + A_SUFFIX
+
+
+def b_key(module: str) -> str:
+    return module + B_SUFFIX
+
+
+def lora_modules(state: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the LoRA modules in ``state``, in state order."""
+    return [key[: -len(A_SUFFIX)] for key in state if key.endswith(A_SUFFIX)]
+
+
+def other_keys(state: Mapping[str, np.ndarray]) -> list[str]:
+    """Keys that are not LoRA factors (e.g. the classification head)."""
+    return [k for k in state if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))]
+
+
+def module_rank(state: Mapping[str, np.ndarray], module: str) -> int:
+    return int(state[a_key(module)].shape[0])
+
+
+def full_selection(state: Mapping[str, np.ndarray]) -> Selection:
+    """Every component of every module."""
+    return {m: np.arange(module_rank(state, m), dtype=np.int64) for m in lora_modules(state)}
+
+
+def first_selection(state: Mapping[str, np.ndarray], rank: int) -> Selection:
+    """The first ``rank`` components of every module (HetLoRA's truncation)."""
+    return {
+        m: np.arange(min(rank, module_rank(state, m)), dtype=np.int64) for m in lora_modules(state)
+    }
+
+
+def gather(state: Mapping[str, np.ndarray], selection: Selection) -> LoraState:
+    """The sub-state holding only the selected components (copies)."""
+    out: LoraState = OrderedDict()
+    modules = set(lora_modules(state))
+    if set(selection) != modules:
+        raise ValueError(f"selection names {len(selection)} modules, the state has {len(modules)}")
+    for key, value in state.items():
+        if key.endswith(A_SUFFIX):
+            out[key] = value[selection[key[: -len(A_SUFFIX)]], :].copy()
+        elif key.endswith(B_SUFFIX):
+            out[key] = value[:, selection[key[: -len(B_SUFFIX)]]].copy()
+        else:
+            out[key] = value.copy()
+    return out
+
+
+def scatter(state: Mapping[str, np.ndarray], sub: Mapping[str, np.ndarray], selection: Selection):
+    """A copy of ``state`` with the selected components (and other keys) taken from ``sub``."""
+    out: LoraState = OrderedDict((k, v.copy()) for k, v in state.items())
+    for key, value in sub.items():
+        if key.endswith(A_SUFFIX):
+            out[key][selection[key[: -len(A_SUFFIX)]], :] = value
+        elif key.endswith(B_SUFFIX):
+            out[key][:, selection[key[: -len(B_SUFFIX)]]] = value
+        else:
+            out[key] = value.copy()
+    return out
+
+
+def component_delta(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> LoraState:
+    """``after - before`` key by key (both sub-states of the same selection)."""
+    return OrderedDict(
+        (k, (np.asarray(after[k], np.float32) - np.asarray(v, np.float32)))
+        for k, v in before.items()
+    )
+
+
+def check_selection(
+    selection: Mapping[str, np.ndarray], modules: list[str], rank: int
+) -> Selection:
+    """Validate indices from the wire: known modules, integers in [0, rank), no duplicates.
+
+    Raises ``ValueError`` with the first problem found.
+    """
+    unknown = sorted(set(selection) - set(modules))
+    missing = sorted(set(modules) - set(selection))
+    if unknown or missing:
+        raise ValueError(
+            f"selection modules differ: {len(missing)} missing (e.g. {missing[:1]}), "
+            f"{len(unknown)} unknown (e.g. {unknown[:1]})"
+        )
+    out: Selection = {}
+    for module in modules:
+        idx = np.asarray(selection[module])
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"{module}: indices must be a 1-d integer array, got {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= rank):
+            raise ValueError(f"{module}: component index out of range [0, {rank})")
+        if len(np.unique(idx)) != len(idx):
+            raise ValueError(f"{module}: duplicated component index")
+        out[module] = idx.astype(np.int64)
+    return out

@@ -1,0 +1,132 @@
+"""Component importance (AdaLoRA-style smoothed sensitivity) and top-r selection.
+
+Client side, per LoRA element ``w`` at every local step::
+
+    I = |w * dL/dw|
+    I_bar = beta1 * I_bar + (1 - beta1) * I
+    U_bar = beta2 * U_bar + (1 - beta2) * |I - I_bar|
+    s = I_bar * U_bar
+
+and the score of component ``i`` of a module is ``mean_j s(A[i, j]) + mean_j s(B[j, i])``.
+
+Server side, :class:`GlobalImportance` keeps one score per (module, component): the
+example-weighted mean of what the clients that trained it reported, smoothed across
+rounds; a component nobody trained keeps its score. :func:`top_components` picks each
+client's set. All of it is plain numpy/torch, testable without Flower or a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+TIE_BREAKS = ("index", "seed")
+
+
+@dataclass
+class Sensitivity:
+    """Smoothed sensitivity of one tensor (``I_bar`` and ``U_bar`` element-wise)."""
+
+    beta1: float = 0.85
+    beta2: float = 0.85
+    i_bar: torch.Tensor | None = None
+    u_bar: torch.Tensor | None = None
+
+    def update(self, weight: torch.Tensor, grad: torch.Tensor | None) -> None:
+        """One step: fold ``|w * g|`` into the moving averages (no-op without a gradient)."""
+        if grad is None:
+            return
+        sens = (weight.detach() * grad.detach()).abs().float()
+        if self.i_bar is None:
+            self.i_bar = torch.zeros_like(sens)
+            self.u_bar = torch.zeros_like(sens)
+        self.i_bar.mul_(self.beta1).add_(sens, alpha=1 - self.beta1)
+        self.u_bar.mul_(self.beta2).add_((sens - self.i_bar).abs(), alpha=1 - self.beta2)
+
+    def score(self, shape: torch.Size) -> torch.Tensor:
+        """Element scores ``I_bar * U_bar`` (zeros if never updated)."""
+        if self.i_bar is None:
+            return torch.zeros(shape)
+        return self.i_bar * self.u_bar
+
+
+def component_scores(score_a: torch.Tensor, score_b: torch.Tensor) -> np.ndarray:
+    """Per component ``mean_j s(A[i, j]) + mean_j s(B[j, i])``.
+
+    ``score_a`` is (r, d_in) and ``score_b`` is (d_out, r), components in the same order.
+    """
+    if score_a.shape[0] != score_b.shape[1]:
+        raise ValueError(f"A has {score_a.shape[0]} components, B has {score_b.shape[1]}")
+    return (score_a.mean(dim=1) + score_b.mean(dim=0)).double().cpu().numpy()
+
+
+def top_components(scores: np.ndarray, r: int, tie_order: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the ``r`` highest scores, ascending; ties go to the earlier ``tie_order``.
+
+    ``tie_order`` is a permutation rank per component (default: the index itself).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    r = max(0, min(int(r), len(scores)))
+    order = np.arange(len(scores)) if tie_order is None else np.asarray(tie_order)
+    ranked = np.lexsort((order, -scores))  # last key is primary: highest score first
+    return np.sort(ranked[:r]).astype(np.int64)
+
+
+@dataclass
+class ComponentReport:
+    """Scores one client reported for the components it trained."""
+
+    weight: float
+    selection: Mapping[str, np.ndarray]
+    scores: Mapping[str, np.ndarray]
+
+
+@dataclass
+class GlobalImportance:
+    """The server's importance of every (module, component).
+
+    ``smoothing`` is the weight of the previous round's score: after a round,
+    ``S = smoothing * S_old + (1 - smoothing) * S_round`` for components reported this
+    round and seen before; a component reported for the first time takes ``S_round``;
+    an unreported component keeps its score.
+    """
+
+    modules: Sequence[str]
+    rank: int
+    smoothing: float = 0.5
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    seen: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"smoothing must lie in [0, 1), got {self.smoothing}")
+        for m in self.modules:
+            self.scores.setdefault(m, np.zeros(self.rank, dtype=np.float64))
+            self.seen.setdefault(m, np.zeros(self.rank, dtype=bool))
+
+    def update(self, reports: Sequence[ComponentReport]) -> None:
+        for m in self.modules:
+            num = np.zeros(self.rank, dtype=np.float64)
+            den = np.zeros(self.rank, dtype=np.float64)
+            for rep in reports:
+                idx = np.asarray(rep.selection[m], dtype=np.int64)
+                num[idx] += rep.weight * np.asarray(rep.scores[m], dtype=np.float64)
+                den[idx] += rep.weight
+            hit = den > 0
+            fresh = num[hit] / den[hit]
+            old = self.scores[m][hit]
+            was_seen = self.seen[m][hit]
+            self.scores[m][hit] = np.where(
+                was_seen, self.smoothing * old + (1 - self.smoothing) * fresh, fresh
+            )
+            self.seen[m] |= hit
+
+    def select(self, r: int, tie_order: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Every module's top-``r`` components."""
+        return {m: top_components(self.scores[m], r, tie_order) for m in self.modules}
+
+    def state(self) -> dict[str, list[float]]:
+        return {m: self.scores[m].tolist() for m in self.modules}

@@ -1,0 +1,123 @@
+"""Client profiles: what a device can do (its tier and LoRA rank budget, later memory
+and channel), from run-config tiers in simulation or from a SuperNode's node config.
+
+One type, :class:`ClientProfile`, and one parser, :meth:`ClientProfile.from_mapping`,
+serve every source: the run config's tier table, ``--node-config`` of a SuperNode, and
+the ``profile`` record a node sends back to the server's ``query.profile`` message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+DEFAULT_TIER = "default"
+
+
+class ProfileError(ValueError):
+    """A profile field is missing, of the wrong type, or out of range."""
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    """What one client can do.
+
+    Attributes
+    ----------
+    tier : str
+        A label for reports and plots (e.g. ``low``, ``mid``, ``high``).
+    lora_rank : int
+        The client's LoRA budget r_k: how many rank-1 components per module it trains.
+        0 means "the global rank R".
+    """
+
+    tier: str = DEFAULT_TIER
+    lora_rank: int = 0
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "profile") -> ClientProfile:
+        """Parse ``tier`` and ``lora-rank`` (other keys are ignored)."""
+        tier = data.get("tier", DEFAULT_TIER)
+        if not isinstance(tier, str) or not tier:
+            raise ProfileError(f"{source}: 'tier' must be a non-empty string, got {tier!r}")
+        rank = data.get("lora-rank", 0)
+        if isinstance(rank, str) and rank.strip().isdigit():
+            rank = int(rank)
+        if isinstance(rank, float) and rank.is_integer():
+            rank = int(rank)
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise ProfileError(f"{source}: 'lora-rank' must be an integer >= 0, got {rank!r}")
+        return cls(tier=tier, lora_rank=rank)
+
+    def to_record(self) -> dict[str, str | int]:
+        """Flat fields for a Flower ConfigRecord (the keys :meth:`from_mapping` reads)."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def budget(self, global_rank: int) -> int:
+        """r_k: the rank budget clipped to [1, R]; 0 means R."""
+        return global_rank if self.lora_rank == 0 else max(1, min(self.lora_rank, global_rank))
+
+
+@dataclass(frozen=True)
+class TierTable:
+    """Simulated tiers from the run config, and which partition falls in which tier."""
+
+    profiles: tuple[ClientProfile, ...]
+    fractions: tuple[float, ...]
+
+    @classmethod
+    def from_lists(
+        cls, names: Sequence[str], ranks: Sequence[int], fractions: Sequence[float] = ()
+    ) -> TierTable:
+        if not names:
+            raise ProfileError("tiers.names names no tier")
+        if len(ranks) != len(names):
+            raise ProfileError(
+                f"tiers.lora-ranks has {len(ranks)} value(s) for {len(names)} tier(s)"
+            )
+        if len(set(names)) != len(names):
+            raise ProfileError(f"tiers.names has duplicates: {list(names)}")
+        fractions = tuple(fractions) or tuple(1.0 for _ in names)
+        if len(fractions) != len(names) or any(f <= 0 for f in fractions):
+            raise ProfileError(
+                f"tiers.fractions must give one positive value per tier, got {list(fractions)}"
+            )
+        profiles = tuple(
+            ClientProfile.from_mapping({"tier": n, "lora-rank": r}, source=f"tier '{n}'")
+            for n, r in zip(names, ranks, strict=True)
+        )
+        total = sum(fractions)
+        return cls(profiles=profiles, fractions=tuple(f / total for f in fractions))
+
+    def by_name(self, name: str) -> ClientProfile | None:
+        return next((p for p in self.profiles if p.tier == name), None)
+
+    def for_partition(self, partition_id: int, num_partitions: int) -> ClientProfile:
+        """Tiers take contiguous blocks of partition ids, sized by their fractions."""
+        if not 0 <= partition_id < num_partitions:
+            raise ProfileError(f"partition-id {partition_id} outside [0, {num_partitions})")
+        bound = 0.0
+        for profile, fraction in zip(self.profiles, self.fractions, strict=True):
+            bound += fraction
+            if partition_id < round(bound * num_partitions):
+                return profile
+        return self.profiles[-1]
+
+
+def resolve_profile(node_config: Mapping[str, Any], tiers: TierTable) -> ClientProfile:
+    """This node's profile: explicit node-config fields win, else its partition's tier.
+
+    A SuperNode describes itself with ``--node-config "tier='edge' lora-rank=4"``; a
+    ``tier`` that names a run-config tier inherits that tier's fields. A simulated node
+    only has ``partition-id`` and ``num-partitions`` and takes the tier of its partition.
+    """
+    if "tier" in node_config or "lora-rank" in node_config:
+        base = tiers.by_name(str(node_config.get("tier", "")))
+        merged = {**(base.to_record() if base else {}), **dict(node_config)}
+        return ClientProfile.from_mapping(merged, source="node config")
+    if "partition-id" in node_config and "num-partitions" in node_config:
+        return tiers.for_partition(
+            int(node_config["partition-id"]), int(node_config["num-partitions"])
+        )
+    return ClientProfile()

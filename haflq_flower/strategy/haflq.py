@@ -1,0 +1,312 @@
+"""HAFLQ's heterogeneous LoRA strategy: importance-based selection, freezing or
+truncation, and adaptive rank-1 aggregation.
+
+Each round the strategy
+
+1. asks every node it has not met yet for its profile (a ``query.profile`` message; a
+   node that answers nothing usable gets the default profile and a warning);
+2. turns each sampled node's profile into a rank budget r_k (:meth:`client_budget`) and
+   picks its components per LoRA module (:meth:`select_components`: the top r_k by
+   global importance);
+3. sends each node its own message: in ``freeze`` mode the whole rank-R adapter plus
+   the selection, in ``truncate`` mode only the selected components;
+4. receives, per node, the deltas of the components it trained, their indices and
+   their importance scores, validates them, aggregates them per component
+   (:meth:`aggregate_lora`) and updates the global importance (:meth:`update_importance`).
+
+Subclass and override the hooks to change a decision; see docs/extending.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from ..lora.aggregate import (
+    ADAPTIVE,
+    AGGREGATIONS,
+    ComponentUpload,
+    aggregate_components,
+    component_counts,
+)
+from ..lora.components import (
+    Selection,
+    check_selection,
+    gather,
+    lora_modules,
+    module_rank,
+)
+from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance
+from ..lora.state import LoraState, from_array_record, record_dict_bytes, to_array_record
+from ..lora.view import FREEZE, MODES
+from ..profiles import ClientProfile, ProfileError
+from .base import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    ClientRoundStats,
+    ClientUpdate,
+    LoRAStrategy,
+    ReplyError,
+)
+
+log = logging.getLogger(__name__)
+
+PROFILE_QUERY = "query.profile"
+PROFILE_KEY = "profile"
+SELECTION_KEY = "selection"
+SCORES_KEY = "scores"
+
+
+def selection_to_record(selection: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(
+        OrderedDict((m, Array(np.asarray(idx, dtype=np.int64))) for m, idx in selection.items())
+    )
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: arr.numpy() for name, arr in record.items()}
+
+
+@dataclass
+class Assignment:
+    """What one node was asked to do this round."""
+
+    profile: ClientProfile
+    rank: int
+    selection: Selection
+
+
+@dataclass
+class ComponentPayload:
+    """A decoded HAFLQ reply: the uploaded component deltas and their scores."""
+
+    selection: Selection
+    delta: LoraState
+    scores: dict[str, np.ndarray]
+
+
+class HAFLQStrategy(LoRAStrategy):
+    """Heterogeneous federated LoRA with importance-based freezing/truncation.
+
+    Parameters
+    ----------
+    mode : str (default: "freeze")
+        ``freeze``: clients hold all R components and train their r_k selected ones;
+        ``truncate``: clients hold only their r_k selected components.
+    aggregation : str (default: "adaptive")
+        ``adaptive``: each component's delta is averaged over the clients that uploaded
+        it; ``zero-pad``: over all participants (missing counts as zero).
+    default_profile : ClientProfile
+        Used for a node that reports no usable profile.
+    importance_smoothing : float (default: 0.5)
+        Weight of the previous round's global importance when new scores arrive.
+    tie_break : str (default: "index")
+        Equal scores (round 1: all zero) go to the lower index, or to a seeded order.
+    query_timeout : float (default: 300.0)
+        Seconds to wait for profile replies.
+    **kwargs
+        Passed to :class:`LoRAStrategy` (fractions, minimum nodes, seed).
+    """
+
+    def __init__(
+        self,
+        mode: str = FREEZE,
+        aggregation: str = ADAPTIVE,
+        default_profile: ClientProfile | None = None,
+        importance_smoothing: float = 0.5,
+        tie_break: str = "index",
+        query_timeout: float = 300.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
+        self.mode = mode
+        self.aggregation = aggregation
+        self.default_profile = default_profile or ClientProfile()
+        self.importance_smoothing = importance_smoothing
+        self.tie_break = tie_break
+        self.query_timeout = query_timeout
+        self.profiles: dict[int, ClientProfile] = {}
+        self.importance: GlobalImportance | None = None
+        self.assignments: dict[int, Assignment] = {}
+        self._tie_order: np.ndarray | None = None
+
+    # ------------------------------------------------------------ user hooks
+    def client_budget(self, node_id: int, profile: ClientProfile, global_rank: int) -> int:
+        """r_k for a node: its profile's LoRA rank, clipped to [1, R]."""
+        return profile.budget(global_rank)
+
+    def select_components(self, server_round: int, node_id: int, budget: int) -> Selection:
+        """The node's components per module: the top ``budget`` by global importance."""
+        return self.importance.select(budget, self._tie_order)
+
+    def aggregate_lora(
+        self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
+    ) -> LoraState:
+        """Combine the uploaded component deltas (rule: ``self.aggregation``)."""
+        return aggregate_components(global_state, uploads, self.aggregation)
+
+    def update_importance(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        """Fold the clients' reported scores into the global importance (n_k-weighted)."""
+        self.importance.update(
+            [
+                ComponentReport(u.num_examples, u.payload.selection, u.payload.scores)
+                for u in updates
+            ]
+        )
+
+    # -------------------------------------------------------------- profiles
+    def query_profiles(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
+        """Ask nodes without a known profile for theirs (one ``query.profile`` each)."""
+        unknown = [n for n in node_ids if n not in self.profiles]
+        if not unknown:
+            return
+        messages = [
+            Message(
+                content=RecordDict({CONFIG_KEY: ConfigRecord({"server-round": server_round})}),
+                dst_node_id=n,
+                message_type=PROFILE_QUERY,
+            )
+            for n in unknown
+        ]
+        stats = self.stats[server_round]
+        stats.control_bytes += sum(record_dict_bytes(m.content) for m in messages)
+        replies = {
+            m.metadata.src_node_id: m
+            for m in grid.send_and_receive(messages, timeout=self.query_timeout)
+        }
+        for node_id in unknown:
+            reply = replies.get(node_id)
+            try:
+                if reply is None:
+                    raise ProfileError("no reply")
+                if reply.has_error():
+                    raise ProfileError(reply.error.reason)
+                stats.control_bytes += record_dict_bytes(reply.content)
+                record = reply.content.config_records[PROFILE_KEY]
+                self.profiles[node_id] = ClientProfile.from_mapping(dict(record))
+            except (ProfileError, KeyError) as err:
+                log.warning(
+                    "node %d: no usable profile (%s); using the default %s",
+                    node_id,
+                    err,
+                    self.default_profile,
+                )
+                self.profiles[node_id] = self.default_profile
+        log.info(
+            "profiles: %s",
+            ", ".join(
+                f"node {n}: {self.profiles[n].tier}/r={self.profiles[n].lora_rank}" for n in unknown
+            ),
+        )
+
+    # ---------------------------------------------------------- Flower glue
+    def _init_importance(self, global_state: LoraState) -> None:
+        modules = lora_modules(global_state)
+        if not modules:
+            raise ValueError("the global state has no LoRA module")
+        rank = module_rank(global_state, modules[0])
+        if self.importance is None:
+            self.importance = GlobalImportance(modules, rank, self.importance_smoothing)
+        if self._tie_order is None and self.tie_break == "seed":
+            perm = np.random.default_rng(self.seed).permutation(rank)
+            self._tie_order = np.argsort(perm)
+
+    @property
+    def global_rank(self) -> int:
+        return self.importance.rank
+
+    def prepare_round(self, server_round: int, grid: Grid, node_ids: list[int]) -> None:
+        self.query_profiles(grid, node_ids, server_round)
+        self._init_importance(self._global)
+        self.assignments = {}
+        stats = self.stats[server_round]
+        for node_id in node_ids:
+            profile = self.profiles.get(node_id, self.default_profile)
+            rank = self.client_budget(node_id, profile, self.global_rank)
+            selection = self.select_components(server_round, node_id, rank)
+            self.assignments[node_id] = Assignment(profile, rank, selection)
+            client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
+            client.tier, client.rank = profile.tier, rank
+
+    def train_records(
+        self, server_round: int, node_id: int, global_state: LoraState
+    ) -> dict[str, ArrayRecord | ConfigRecord]:
+        job = self.assignments[node_id]
+        arrays = global_state if self.mode == FREEZE else gather(global_state, job.selection)
+        return {
+            ARRAYS_KEY: to_array_record(arrays),
+            SELECTION_KEY: selection_to_record(job.selection),
+            CONFIG_KEY: ConfigRecord(
+                {"mode": self.mode, "rank": job.rank, "tier": job.profile.tier}
+            ),
+        }
+
+    def decode_reply(
+        self, node_id: int, content: RecordDict, stats: ClientRoundStats
+    ) -> ComponentPayload:
+        job = self.assignments.get(node_id)
+        if job is None:
+            raise ReplyError("reply from a node that was not asked to train this round")
+        for key in (ARRAYS_KEY, SELECTION_KEY, SCORES_KEY):
+            if key not in content.array_records:
+                raise ReplyError(f"reply lacks the '{key}' record")
+        modules = list(job.selection)
+        selection = check_selection(
+            record_to_arrays(content.array_records[SELECTION_KEY]), modules, self.global_rank
+        )
+        for m in modules:
+            if not np.isin(selection[m], job.selection[m]).all():
+                raise ReplyError(f"{m}: uploaded components that were not assigned")
+        delta = from_array_record(content.array_records[ARRAYS_KEY])
+        expected = gather(self._global, selection)
+        if set(delta) != set(expected):
+            raise ReplyError(
+                f"delta keys differ from the assignment ({len(delta)} vs {len(expected)})"
+            )
+        for key, ref in expected.items():
+            value = delta[key]
+            if value.shape != ref.shape or not np.issubdtype(value.dtype, np.floating):
+                raise ReplyError(f"{key}: shape {value.shape} {value.dtype}, expected {ref.shape}")
+            if not np.isfinite(value).all():
+                raise ReplyError(f"{key}: contains NaN or Inf")
+        scores = record_to_arrays(content.array_records[SCORES_KEY])
+        if set(scores) != set(modules):
+            raise ReplyError("scores do not name the assigned modules")
+        for m in modules:
+            sc = np.asarray(scores[m], dtype=np.float64)
+            if sc.shape != selection[m].shape or not np.isfinite(sc).all() or (sc < 0).any():
+                raise ReplyError(f"{m}: scores must be {selection[m].shape} finite, >= 0")
+            scores[m] = sc
+        stats.components_up = int(sum(len(idx) for idx in selection.values()))
+        return ComponentPayload(selection, delta, scores)
+
+    def aggregate(
+        self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
+    ) -> LoraState:
+        uploads = [
+            ComponentUpload(float(u.num_examples), u.payload.selection, u.payload.delta)
+            for u in updates
+        ]
+        new_state = self.aggregate_lora(server_round, global_state, uploads)
+        self.update_importance(server_round, updates)
+        counts = component_counts(self.global_rank, list(self.importance.modules), uploads)
+        mean_counts = np.mean(np.stack(list(counts.values())), axis=0)
+        log.info(
+            "round %d: clients per component (mean over modules): %s",
+            server_round,
+            " ".join(f"{c:.1f}" for c in mean_counts),
+        )
+        self.stats[server_round].extra["clients_per_component"] = mean_counts.tolist()
+        return new_state

@@ -1,0 +1,34 @@
+"""HetLoRA (Cho et al., EMNLP 2024) as a baseline on HAFLQ's machinery."""
+
+from __future__ import annotations
+
+from ..lora.aggregate import ComponentUpload, aggregate_hetlora
+from ..lora.components import Selection, first_selection
+from ..lora.state import LoraState
+from ..lora.view import TRUNCATE
+from .base import ClientUpdate
+from .haflq import HAFLQStrategy
+
+
+class HetLoRA(HAFLQStrategy):
+    """Each client trains the first r_k components (truncation); the server zero-pads every
+    client's factors to R and averages the values with weights
+    ``w_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F`` per module; the head is FedAvg'd.
+
+    The paper's optional local rank self-pruning is not implemented.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        kwargs["mode"] = TRUNCATE
+        super().__init__(**kwargs)
+
+    def select_components(self, server_round: int, node_id: int, budget: int) -> Selection:
+        return first_selection(self._global, budget)
+
+    def aggregate_lora(
+        self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
+    ) -> LoraState:
+        return aggregate_hetlora(global_state, uploads)
+
+    def update_importance(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        """HetLoRA does not use importance."""
