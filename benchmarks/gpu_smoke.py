@@ -11,16 +11,22 @@ loading, LoRA and training code at each base precision. Accuracy is not meaningf
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from haflq_flower.config import parse_run_config
+from haflq_flower.lora.components import lora_modules
+from haflq_flower.lora.state import trainable_state
+from haflq_flower.lora.view import component_view
 from haflq_flower.model import load_lora_model, select_device
 from haflq_flower.train import evaluate, train_local
 
@@ -33,18 +39,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default=None, help="write results JSON here")
+    parser.add_argument(
+        "--override",
+        default="",
+        help='config overrides, e.g. "hidden_size=2048 num_hidden_layers=16" (a bigger model)',
+    )
+    parser.add_argument("--quantizations", default="none,int8,nf4")
+    parser.add_argument("--freeze-rank", type=int, default=2, help="also train r of R (freeze)")
     args = parser.parse_args()
 
     device = select_device()
     frame = pd.read_csv(args.texts)
     tmp = Path(tempfile.mkdtemp())
     config = AutoConfig.from_pretrained(args.config)
+    for item in args.override.split():
+        key, _, value = item.partition("=")
+        setattr(config, key, type(getattr(config, key))(value))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp)
     AutoTokenizer.from_pretrained(args.tokenizer).save_pretrained(tmp)
 
     rows = []
-    for quant in ("none", "int8", "nf4"):
+    for quant, freeze in [(q, f) for q in args.quantizations.split(",") for f in (False, True)]:
         cfg = parse_run_config(
             {
                 "model.name": str(tmp),
@@ -56,16 +72,21 @@ def main() -> None:
         torch.cuda.empty_cache() if device.type == "cuda" else None
         model, tok = load_lora_model(cfg.model, cfg.lora, 2, seed=0, device=device)
         weight_bytes = model.get_memory_footprint()
-        res = train_local(
-            model,
-            tok,
-            frame,
-            cfg.train,
-            max_length=64,
-            compute_dtype="bfloat16",
-            device=device,
-            seed=0,
-        )
+
+        sel = {m: np.arange(args.freeze_rank) for m in lora_modules(trainable_state(model))}
+        ctx = component_view(model, sel, "freeze") if freeze else contextlib.nullcontext()
+        with ctx as view:
+            res = train_local(
+                model,
+                tok,
+                frame,
+                cfg.train,
+                max_length=64,
+                compute_dtype="bfloat16",
+                device=device,
+                seed=0,
+                after_backward=view.track_importance if freeze else None,
+            )
         # One more step with grads kept, to check LoRA-B gets gradients after an eval pass.
         evaluate(
             model,
@@ -81,6 +102,8 @@ def main() -> None:
         rows.append(
             {
                 "quantization": quant,
+                "trained_rank": args.freeze_rank if freeze else cfg.lora.rank,
+                "optimizer_state_bytes": res.optimizer_state_bytes,
                 "device": str(device),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "params": sum(p.numel() for p in model.parameters()),
@@ -92,7 +115,11 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-        del model
+        # PEFT models hold reference cycles: collect them, or the next row's peak includes
+        # this model's weights.
+        del model, tok, ctx, view
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

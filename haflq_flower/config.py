@@ -21,7 +21,7 @@ from .profiles import ProfileError, TierTable
 
 # Defaults of every run-config key. Must match [tool.flwr.app.config] in pyproject.toml.
 DEFAULTS: dict[str, Any] = {
-    "num-server-rounds": 4,
+    "num-server-rounds": 3,
     "seed": 0,
     "model.name": "smollm2-135m",
     "model.quantization": "nf4",
@@ -38,9 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "data.label-column": "label",
     "data.partitioner": "iid",
     "data.dirichlet-alpha": 0.5,
-    "data.test-per-class": 250,
+    "data.test-per-class": 150,
     "data.max-train-examples": 0,
-    "train.local-steps": 25,
+    "train.local-steps": 20,
     "train.batch-size": 8,
     "train.learning-rate": 5e-4,
     "train.head-learning-rate": 2e-3,
@@ -67,7 +67,6 @@ DEFAULTS: dict[str, Any] = {
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARTITIONERS = ("iid", "dirichlet")
-STRATEGIES = ("fedit", "haflq", "hetlora")
 MODES = ("freeze", "truncate")
 AGGREGATIONS = ("adaptive", "zero-pad")
 TIE_BREAKS = ("index", "seed")
@@ -199,6 +198,13 @@ def _fraction(cfg: Mapping[str, Any], key: str) -> float:
     return value
 
 
+def _strategy_names() -> tuple[str, ...]:
+    """Names in the strategy registry (users may register their own subclasses)."""
+    from .strategy import STRATEGIES
+
+    return tuple(STRATEGIES)
+
+
 def _compute_dtype(cfg: Mapping[str, Any]) -> str:
     """The compute dtype; ``auto`` resolves here, on the machine that parses the config."""
     value = _choice(cfg, "model.compute-dtype", COMPUTE_DTYPES)
@@ -308,7 +314,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             f'tiers.lora-ranks="2,4,8" tiers.fractions="0.4,0.3,0.3"'
         ) from err
     strategy = StrategyConfig(
-        name=_choice(cfg, "strategy.name", STRATEGIES),
+        name=_choice(cfg, "strategy.name", _strategy_names()),
         mode=_choice(cfg, "strategy.mode", MODES),
         aggregation=_choice(cfg, "strategy.aggregation", AGGREGATIONS),
         importance=importance,

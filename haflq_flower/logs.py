@@ -21,4 +21,10 @@ def setup_logging() -> None:
     for noisy in ("transformers", "bitsandbytes", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:  # transformers draws a "Loading weights" bar per model load: noise in the logs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -54,6 +54,36 @@ def test_in_process_simulation(tmp_path):
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
+@pytest.mark.parametrize(
+    "strategy, mode, aggregation",
+    [("haflq", "freeze", "adaptive"), ("haflq", "truncate", "zero-pad"), ("hetlora", "", "")],
+)
+def test_in_process_simulation_with_three_tiers(tmp_path, strategy, mode, aggregation):
+    overrides = {
+        **TINY,
+        "strategy.name": strategy,
+        **({"strategy.mode": mode, "strategy.aggregation": aggregation} if mode else {}),
+        "output.dir": str(tmp_path / "run"),
+    }
+    run_simulation(
+        server_app=make_server_app(overrides),
+        client_app=make_client_app(overrides),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1}},
+    )
+    results = _check_results(tmp_path / "run", num_rounds=2, num_clients=3)
+    for r in results["rounds"][1:]:
+        by_tier = {c["tier"]: c for c in r["clients"]}
+        # partition ids 0, 1, 2 fall in the tiers low, mid, high (ranks 2, 4, 8 of R = 8)
+        assert {t: c["rank"] for t, c in by_tier.items()} == {"low": 2, "mid": 4, "high": 8}
+        # more components trained -> more optimizer state and more bytes up
+        opt = [by_tier[t]["optimizer_state_bytes"] for t in ("low", "mid", "high")]
+        up = [by_tier[t]["bytes_up"] for t in ("low", "mid", "high")]
+        assert opt[0] < opt[1] < opt[2] and up[0] < up[1] < up[2]
+        assert len(r["clients_per_component"]) == 8
+        assert r["control_bytes"] > 0 if r["round"] == 1 else r["control_bytes"] == 0
+
+
 @pytest.fixture
 def app_dir():
     from pathlib import Path

@@ -1,0 +1,30 @@
+"""Issue 3's ablation: FedIT (all clients at rank R), HetLoRA, freezing + zero-padding,
+truncation + adaptive, freezing + adaptive (HAFL), on the embedded default task.
+
+10 clients in three tiers (r_k = 2, 4, 8 of R = 8), Dirichlet(0.5) label skew, the same
+seed for every arm; sized to finish in about an hour on a 2-core CPU. Any extra argument
+goes to ``haflq_flower.compare`` (e.g. ``--seeds 0,1,2`` or another ``--run-config``).
+
+    python benchmarks/hetero_lora.py --out outputs/bench-hetero
+"""
+
+import sys
+
+from haflq_flower import compare
+
+DEFAULTS = [
+    "--arms",
+    "fedit,hetlora,freeze-zeropad,truncate-adaptive,haflq",
+    "--rounds",
+    "5",
+    "--num-supernodes",
+    "10",
+    "--target",
+    "0.7",
+    "--run-config",
+    'data.partitioner="dirichlet" data.dirichlet-alpha=0.5 train.local-steps=6 '
+    "data.test-per-class=150",
+]
+
+if __name__ == "__main__":
+    sys.exit(compare.main(DEFAULTS + sys.argv[1:]))

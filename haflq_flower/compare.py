@@ -1,0 +1,303 @@
+"""Run several strategies ("arms") on the same task and compare them in one table.
+
+Every arm is a real ``flwr run`` (through :mod:`haflq_flower.launch`) with the same data,
+partitions, tiers and seeds; only the arm's run-config overrides differ. Each arm writes
+its own results directory; an arm whose ``results.json`` is complete is not run again.
+
+    python -m haflq_flower.compare --out runs/ablation --arms fedit,hetlora,haflq \\
+        --rounds 5 --num-supernodes 10 --run-config "data.partitioner=\\"dirichlet\\""
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import launch
+
+# Named arms: run-config overrides on top of the common config.
+ARMS: dict[str, dict[str, Any]] = {
+    # every client at the global rank R: the homogeneous upper bound
+    "fedit": {"strategy.name": "fedit"},
+    "hetlora": {"strategy.name": "hetlora"},
+    "freeze-zeropad": {
+        "strategy.name": "haflq",
+        "strategy.mode": "freeze",
+        "strategy.aggregation": "zero-pad",
+    },
+    "truncate-zeropad": {
+        "strategy.name": "haflq",
+        "strategy.mode": "truncate",
+        "strategy.aggregation": "zero-pad",
+    },
+    "truncate-adaptive": {
+        "strategy.name": "haflq",
+        "strategy.mode": "truncate",
+        "strategy.aggregation": "adaptive",
+    },
+    # HAFL: importance freezing + adaptive rank-1 aggregation
+    "haflq": {
+        "strategy.name": "haflq",
+        "strategy.mode": "freeze",
+        "strategy.aggregation": "adaptive",
+    },
+}
+
+
+def config_string(config: Mapping[str, Any]) -> str:
+    """A ``--run-config`` string: strings quoted, booleans lower-case."""
+    parts = []
+    for key, value in config.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={str(value).lower()}")
+        elif isinstance(value, str):
+            parts.append(f'{key}="{value}"')
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _complete(results_path: Path) -> bool:
+    if not results_path.exists():
+        return False
+    try:
+        return json.loads(results_path.read_text()).get("final") is not None
+    except json.JSONDecodeError:
+        return False
+
+
+def run_grid(
+    out_dir: Path,
+    arms: Sequence[str],
+    seeds: Sequence[int],
+    common: Mapping[str, Any],
+    num_supernodes: int,
+    launcher_args: Sequence[str] = (),
+) -> list[Path]:
+    """Run every (arm, seed) not finished yet; return their result directories."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"error: unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    dirs = []
+    for seed in seeds:
+        for arm in arms:
+            run_dir = out_dir / f"{arm}-seed{seed}"
+            dirs.append(run_dir)
+            if _complete(run_dir / "results.json"):
+                print(f"[compare] {run_dir.name}: already finished, skipped", flush=True)
+                continue
+            config = {**common, **ARMS[arm], "seed": seed}
+            print(f"[compare] {run_dir.name}: {config_string(config)}", flush=True)
+            code = launch.main(
+                [
+                    "--num-supernodes",
+                    str(num_supernodes),
+                    "--output-dir",
+                    str(run_dir),
+                    "--run-config",
+                    config_string(config),
+                    *launcher_args,
+                ]
+            )
+            if code != 0:
+                print(f"[compare] {run_dir.name}: FAILED (exit {code})", flush=True)
+    return dirs
+
+
+def summarize_run(results: dict, target: float | None) -> dict[str, Any]:
+    """One arm's row: accuracy, bytes, memory per tier, time, strategy overhead."""
+    rounds = results["rounds"]
+    trained = [r for r in rounds if r["round"] > 0]
+    cum_up, to_target_round, to_target_bytes = 0, None, None
+    for r in rounds:
+        cum_up += r["bytes_up"]
+        if target is not None and to_target_round is None and r["accuracy"] >= target:
+            to_target_round, to_target_bytes = r["round"], cum_up
+    tiers: dict[str, dict[str, int]] = {}
+    for r in trained:
+        for c in r["clients"]:
+            t = tiers.setdefault(c.get("tier") or "all", {"peak_mem_bytes": 0, "opt_bytes": 0})
+            t["peak_mem_bytes"] = max(t["peak_mem_bytes"], int(c.get("peak_mem_bytes") or 0))
+            t["opt_bytes"] = max(t["opt_bytes"], int(c.get("optimizer_state_bytes") or 0))
+    walls = [r["wall_s"] for r in rounds]
+    round_s = [b - a for a, b in zip(walls, walls[1:], strict=False)]
+    strategy_s = sum(r.get("strategy_s", 0.0) for r in trained)
+    final = results["final"] or {}
+    return {
+        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
+        "best_accuracy": max((r["accuracy"] for r in rounds), default=None),
+        "rounds_to_target": to_target_round,
+        "bytes_up_to_target": to_target_bytes,
+        "bytes_up": sum(r["bytes_up"] for r in rounds),
+        "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "tiers": tiers,
+        "wall_s": final.get("wall_s"),
+        "strategy_share": strategy_s / sum(round_s) if sum(round_s) > 0 else None,
+        "accuracy_by_round": [r["accuracy"] for r in rounds],
+        "cum_bytes_up_by_round": _cumsum([r["bytes_up"] for r in rounds]),
+    }
+
+
+def _cumsum(values: Sequence[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def _mean_spread(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _fmt_acc(mean: float | None, spread: float | None, n: int) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" + (f" ± {spread:.4f}" if n > 1 else "")
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}"
+
+
+def summarize(out_dir: Path, arms: Sequence[str], seeds: Sequence[int], target: float | None):
+    """Write ``summary.json`` and ``summary.md`` (and plots) for the finished runs."""
+    rows: dict[str, list[dict]] = {}
+    for arm in arms:
+        for seed in seeds:
+            path = out_dir / f"{arm}-seed{seed}" / "results.json"
+            if _complete(path):
+                rows.setdefault(arm, []).append(summarize_run(json.loads(path.read_text()), target))
+    tier_names = sorted({t for runs in rows.values() for r in runs for t in r["tiers"]})
+    head = [
+        "arm",
+        "final acc",
+        "best acc",
+        f"rounds to {target}" if target else "rounds to target",
+        "MB up to target",
+        "MB up",
+        "MB down",
+        *[f"peak RSS {t} (MB)" for t in tier_names],
+        *[f"optim. state {t} (KB)" for t in tier_names],
+        "wall (s)",
+        "strategy share",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table: dict[str, dict] = {}
+    for arm, runs in rows.items():
+        n = len(runs)
+        final = _mean_spread([r["final_accuracy"] for r in runs])
+        best = _mean_spread([r["best_accuracy"] for r in runs])
+        to_round = _mean_spread([r["rounds_to_target"] for r in runs])
+        to_bytes = _mean_spread([r["bytes_up_to_target"] for r in runs])
+        up = _mean_spread([r["bytes_up"] for r in runs])[0]
+        down = _mean_spread([r["bytes_down"] for r in runs])[0]
+        wall = _mean_spread([r["wall_s"] for r in runs])[0]
+        share = _mean_spread([r["strategy_share"] for r in runs])[0]
+        mem = {
+            t: max(r["tiers"].get(t, {}).get("peak_mem_bytes", 0) for r in runs) for t in tier_names
+        }
+        opt = {t: max(r["tiers"].get(t, {}).get("opt_bytes", 0) for r in runs) for t in tier_names}
+        table[arm] = {"runs": runs, "final": final, "best": best, "seeds": n}
+        cells = [
+            arm,
+            _fmt_acc(*final, n),
+            _fmt_acc(*best, n),
+            "-" if to_round[0] is None else f"{to_round[0]:.1f}",
+            _mb(to_bytes[0]),
+            _mb(up),
+            _mb(down),
+            *[f"{mem[t] / 1e6:.0f}" for t in tier_names],
+            *[f"{opt[t] / 1e3:.0f}" for t in tier_names],
+            "-" if wall is None else f"{wall:.0f}",
+            "-" if share is None else f"{100 * share:.2f}%",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    markdown = "\n".join(lines) + "\n"
+    (out_dir / "summary.md").write_text(markdown)
+    (out_dir / "summary.json").write_text(json.dumps(table, indent=2))
+    plot_comparison(rows, out_dir)
+    return markdown
+
+
+def plot_comparison(rows: Mapping[str, list[dict]], out_dir: Path) -> None:
+    """accuracy vs round and vs cumulative uplink (first seed of every arm)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, runs in rows.items():
+        r = runs[0]
+        acc = r["accuracy_by_round"]
+        ax1.plot(range(len(acc)), acc, marker="o", label=arm)
+        ax2.plot([b / 1e6 for b in r["cum_bytes_up_by_round"]], acc, marker="o", label=arm)
+    ax1.set_xlabel("round")
+    ax2.set_xlabel("cumulative uplink (MB)")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs (TOML-ish values) into a dict."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        for token in _split(item):
+            key, _, value = token.partition("=")
+            if not _:
+                raise SystemExit(f"error: run-config item {token!r} is not key=value")
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+    return out
+
+
+def _split(text: str) -> list[str]:
+    import shlex
+
+    return shlex.split(text, posix=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="directory for every arm's results")
+    parser.add_argument("--arms", default="fedit,hetlora,freeze-zeropad,truncate-adaptive,haflq")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument("--target", type=float, default=None, help="target accuracy")
+    parser.add_argument("--run-config", action="append", default=[], help="common overrides")
+    parser.add_argument("--summary-only", action="store_true", help="only rebuild the table")
+    args, launcher_args = parser.parse_known_args(argv)
+
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    common = {"num-server-rounds": args.rounds, **_parse_overrides(args.run_config)}
+    if not args.summary_only:
+        run_grid(out_dir, arms, seeds, common, args.num_supernodes, launcher_args)
+    markdown = summarize(out_dir, arms, seeds, args.target)
+    print(markdown)
+    print(f"Summary: {out_dir / 'summary.md'}; plot: {out_dir / 'accuracy.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The comparison grid: per-arm summaries (known answers) and a real two-arm run."""
+
+import json
+
+from haflq_flower import compare
+
+from .conftest import TINY
+
+
+def _results(accs, ups, tiers=("low", "high")):
+    rounds = []
+    for i, (acc, up) in enumerate(zip(accs, ups, strict=True)):
+        clients = [
+            {"tier": t, "peak_mem_bytes": 100 * (j + 1) + i, "optimizer_state_bytes": 10 * (j + 1)}
+            for j, t in enumerate(tiers)
+        ]
+        rounds.append(
+            {
+                "round": i,
+                "accuracy": acc,
+                "bytes_up": up,
+                "bytes_down": 2 * up,
+                "wall_s": 10.0 * i,
+                "strategy_s": 0.1 if i else 0.0,
+                "clients": clients if i else [],
+            }
+        )
+    return {"rounds": rounds, "final": {"wall_s": 40.0}}
+
+
+def test_summarize_run_known_answers():
+    row = compare.summarize_run(_results([0.5, 0.6, 0.72, 0.71], [0, 100, 100, 100]), 0.7)
+    assert row["final_accuracy"] == 0.71 and row["best_accuracy"] == 0.72
+    assert row["rounds_to_target"] == 2 and row["bytes_up_to_target"] == 200
+    assert row["bytes_up"] == 300 and row["bytes_down"] == 600
+    assert row["tiers"]["low"] == {"peak_mem_bytes": 103, "opt_bytes": 10}
+    assert row["tiers"]["high"]["peak_mem_bytes"] == 203
+    assert abs(row["strategy_share"] - 0.3 / 30.0) < 1e-12
+    assert compare.summarize_run(_results([0.5, 0.6], [0, 1]), 0.9)["rounds_to_target"] is None
+
+
+def test_config_string_quotes_strings_only():
+    s = compare.config_string({"a": "x", "b": 2, "c": 0.5, "d": True})
+    assert s == 'a="x" b=2 c=0.5 d=true'
+    assert compare._parse_overrides([s]) == {"a": "x", "b": 2, "c": 0.5, "d": True}
+
+
+def test_grid_runs_two_arms_and_skips_finished(tmp_path, monkeypatch):
+    out = tmp_path / "grid"
+    common = {k: v for k, v in TINY.items() if k != "num-server-rounds"}
+    args = [
+        "--out",
+        str(out),
+        "--arms",
+        "fedit,haflq",
+        "--rounds",
+        "1",
+        "--num-supernodes",
+        "2",
+        "--target",
+        "0.0",
+        "--run-config",
+        compare.config_string(common),
+        "--client-cpus",
+        "1",
+        "--timeout",
+        "600",
+    ]
+    assert compare.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"fedit", "haflq"}
+    for arm in ("fedit", "haflq"):
+        results = json.loads((out / f"{arm}-seed0" / "results.json").read_text())
+        assert results["config"]["strategy.name"] == arm
+        assert len(results["rounds"]) == 2
+    assert "| fedit |" in (out / "summary.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 0
+
+    # A second call finds both arms finished and runs nothing.
+    calls = []
+    monkeypatch.setattr(compare.launch, "main", lambda argv: calls.append(argv) or 0)
+    assert compare.main(args) == 0
+    assert calls == []

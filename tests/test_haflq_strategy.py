@@ -1,0 +1,254 @@
+"""HAFLQ and HetLoRA strategies with a fake grid: profiles, per-node messages, mixed ranks."""
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from haflq_flower.lora.components import gather
+from haflq_flower.lora.state import from_array_record, to_array_record
+from haflq_flower.profiles import ClientProfile, TierTable, resolve_profile
+from haflq_flower.strategy import HAFLQStrategy, HetLoRA
+from haflq_flower.strategy.haflq import (
+    PROFILE_KEY,
+    PROFILE_QUERY,
+    SCORES_KEY,
+    SELECTION_KEY,
+    record_to_arrays,
+    selection_to_record,
+)
+
+R, D_IN, D_OUT = 8, 3, 4
+MODS = ["m.q", "m.v"]
+
+
+def _global() -> OrderedDict:
+    rng = np.random.default_rng(0)
+    state = OrderedDict()
+    for m in MODS:
+        state[f"{m}.lora_A.weight"] = rng.normal(size=(R, D_IN)).astype(np.float32)
+        state[f"{m}.lora_B.weight"] = rng.normal(size=(D_OUT, R)).astype(np.float32)
+    state["score.weight"] = rng.normal(size=(2, D_OUT)).astype(np.float32)
+    return state
+
+
+class FakeGrid:
+    """Answers profile queries from a table; counts the queries it saw."""
+
+    def __init__(self, profiles: dict[int, ClientProfile | None]):
+        self.profiles = profiles
+        self.queries: list[int] = []
+
+    def get_node_ids(self):
+        return list(self.profiles)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            assert msg.metadata.message_type == PROFILE_QUERY
+            node = msg.metadata.dst_node_id
+            self.queries.append(node)
+            profile = self.profiles[node]
+            if profile is None:  # a node that answers nothing usable
+                content = RecordDict({PROFILE_KEY: ConfigRecord({"lora-rank": -3})})
+            else:
+                content = RecordDict({PROFILE_KEY: ConfigRecord(profile.to_record())})
+            reply = Message(content=content, reply_to=msg)
+            replies.append(reply)
+        return replies
+
+
+def _reply(msg: Message, n: int, scale: float = 1.0, tamper=None) -> Message:
+    """A well-formed client reply: deltas of the assigned components, scores = index + 1."""
+    sel = record_to_arrays(msg.content.array_records[SELECTION_KEY])
+    sent = from_array_record(msg.content.array_records["arrays"])
+    mode = msg.content["config"]["mode"]
+    shapes = gather(sent, sel) if mode == "freeze" else sent
+    delta = OrderedDict((k, np.full_like(v, scale)) for k, v in shapes.items())
+    scores = {m: (idx + 1).astype(np.float32) for m, idx in sel.items()}
+    records = {
+        "arrays": to_array_record(delta),
+        SELECTION_KEY: selection_to_record(sel),
+        SCORES_KEY: to_array_record(scores),
+        "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
+    }
+    if tamper:
+        tamper(records)
+    reply = Message(content=RecordDict(records), reply_to=msg)
+    return reply
+
+
+TIERS = {1: ClientProfile("low", 2), 2: ClientProfile("mid", 4), 3: ClientProfile("high", 8)}
+
+
+def _round(strategy, grid, server_round=1, state=None):
+    state = state or _global()
+    msgs = list(
+        strategy.configure_train(server_round, to_array_record(state), ConfigRecord(), grid)
+    )
+    return state, {m.metadata.dst_node_id: m for m in msgs}
+
+
+def test_each_node_gets_its_rank_and_mode_and_profiles_are_queried_once():
+    grid = FakeGrid(dict(TIERS))
+    strategy = HAFLQStrategy(mode="truncate")
+    state, msgs = _round(strategy, grid)
+    assert sorted(grid.queries) == [1, 2, 3]
+    for node, profile in TIERS.items():
+        cfg = msgs[node].content["config"]
+        assert cfg["rank"] == profile.lora_rank and cfg["mode"] == "truncate"
+        sel = record_to_arrays(msgs[node].content.array_records[SELECTION_KEY])
+        # round 1: all scores zero -> ties by index -> the first r_k
+        assert all(idx.tolist() == list(range(profile.lora_rank)) for idx in sel.values())
+        arrays = from_array_record(msgs[node].content.array_records["arrays"])
+        assert arrays["m.q.lora_A.weight"].shape == (profile.lora_rank, D_IN)
+    # downlink bytes grow with the rank in truncation mode
+    down = {n: strategy.stats[1].clients[n].bytes_down for n in TIERS}
+    assert down[1] < down[2] < down[3]
+    _round(strategy, grid, server_round=2)
+    assert sorted(grid.queries) == [1, 2, 3]  # no second query for known nodes
+
+
+def test_freeze_mode_sends_the_whole_adapter():
+    strategy = HAFLQStrategy(mode="freeze")
+    state, msgs = _round(strategy, FakeGrid(dict(TIERS)))
+    for node in TIERS:
+        arrays = from_array_record(msgs[node].content.array_records["arrays"])
+        assert all(np.array_equal(arrays[k], state[k]) for k in state)
+
+
+def test_mixed_rank_replies_aggregate_adaptively_and_update_importance():
+    strategy = HAFLQStrategy(mode="truncate", aggregation="adaptive")
+    state, msgs = _round(strategy, FakeGrid(dict(TIERS)))
+    replies = [_reply(msgs[1], 10, 1.0), _reply(msgs[2], 30, 2.0), _reply(msgs[3], 60, 4.0)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    out = from_array_record(arrays)
+    a = out["m.q.lora_A.weight"] - state["m.q.lora_A.weight"]
+    # components 0-1: all three clients; 2-3: mid and high; 4-7: high only
+    np.testing.assert_allclose(a[0], (10 * 1 + 30 * 2 + 60 * 4) / 100, rtol=1e-6)
+    np.testing.assert_allclose(a[2], (30 * 2 + 60 * 4) / 90, rtol=1e-6)
+    np.testing.assert_allclose(a[5], 4.0, rtol=1e-6)
+    assert metrics["num-examples"] == 100
+    # global importance: n-weighted mean of reported scores (index + 1 from everyone)
+    np.testing.assert_allclose(strategy.importance.scores["m.q"], np.arange(1, R + 1))
+    assert strategy.stats[1].extra["clients_per_component"] == [3, 3, 2, 2, 1, 1, 1, 1]
+    # round 2: the low tier now gets the two most important components (6, 7)
+    _, msgs2 = _round(strategy, FakeGrid(dict(TIERS)), server_round=2, state=out)
+    sel = record_to_arrays(msgs2[1].content.array_records[SELECTION_KEY])
+    assert sel["m.q"].tolist() == [6, 7]
+
+
+def test_zero_pad_rule_divides_by_all_participants():
+    strategy = HAFLQStrategy(mode="truncate", aggregation="zero-pad")
+    state, msgs = _round(strategy, FakeGrid(dict(TIERS)))
+    replies = [_reply(msgs[1], 10, 1.0), _reply(msgs[2], 30, 2.0), _reply(msgs[3], 60, 4.0)]
+    out = from_array_record(strategy.aggregate_train(1, replies)[0])
+    a = out["m.q.lora_A.weight"] - state["m.q.lora_A.weight"]
+    np.testing.assert_allclose(a[5], 60 * 4 / 100, rtol=1e-6)
+
+
+def test_hetlora_truncates_to_the_first_components_and_zero_pads_values():
+    strategy = HetLoRA()
+    state, msgs = _round(strategy, FakeGrid(dict(TIERS)))
+    assert all(m.content["config"]["mode"] == "truncate" for m in msgs.values())
+    replies = [_reply(msgs[n], 10 * n, float(n)) for n in TIERS]
+    out = from_array_record(strategy.aggregate_train(1, replies)[0])
+    # component 7 is held by the high tier only: its value is w_high * (global + delta)
+    assert not np.allclose(out["m.q.lora_A.weight"][7], state["m.q.lora_A.weight"][7] + 3.0)
+
+
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (lambda r: r.pop(SCORES_KEY), "lacks the 'scores'"),
+        (
+            lambda r: r.__setitem__(
+                SELECTION_KEY, selection_to_record({m: np.array([0, 9]) for m in MODS})
+            ),
+            "out of range",
+        ),
+        (
+            lambda r: r.__setitem__(
+                SELECTION_KEY, selection_to_record({m: np.array([0, 5]) for m in MODS})
+            ),
+            "not assigned",
+        ),
+        (
+            lambda r: r.__setitem__(
+                "arrays",
+                to_array_record(
+                    {k: np.full_like(v, np.nan) for k, v in from_array_record(r["arrays"]).items()}
+                ),
+            ),
+            "NaN",
+        ),
+        (
+            lambda r: r.__setitem__(
+                SCORES_KEY, to_array_record({m: np.array([-1.0, 1.0]) for m in MODS})
+            ),
+            "scores",
+        ),
+    ],
+)
+def test_malformed_replies_are_rejected_and_change_nothing(tamper, reason):
+    strategy = HAFLQStrategy(mode="truncate")
+    state, msgs = _round(strategy, FakeGrid(dict(TIERS)))
+    replies = [_reply(msgs[1], 10, 1.0, tamper=tamper), _reply(msgs[3], 60, 4.0)]
+    out = from_array_record(strategy.aggregate_train(1, replies)[0])
+    rejected = strategy.stats[1].rejected
+    assert [r["node"] for r in rejected] == [1] and reason in rejected[0]["reason"]
+    # only node 3's update counts: component 0 moved by exactly its delta
+    np.testing.assert_allclose(
+        out["m.q.lora_A.weight"][0] - state["m.q.lora_A.weight"][0], 4.0, rtol=1e-6
+    )
+
+
+def test_node_without_usable_profile_gets_the_default():
+    strategy = HAFLQStrategy(default_profile=ClientProfile("fallback", 3))
+    _, msgs = _round(strategy, FakeGrid({1: TIERS[1], 2: None}))
+    assert msgs[2].content["config"]["rank"] == 3
+    assert strategy.profiles[2].tier == "fallback"
+
+
+class RoundRobinSelection(HAFLQStrategy):
+    """The docs' worked example: rotate components so every one gets trained."""
+
+    def select_components(self, server_round, node_id, budget):
+        start = (server_round - 1) * budget % self.global_rank
+        idx = np.sort((start + np.arange(budget)) % self.global_rank)
+        return {m: idx for m in self.importance.modules}
+
+
+def test_a_subclass_changes_selection():
+    strategy = RoundRobinSelection(mode="truncate")
+    _, msgs = _round(strategy, FakeGrid({1: TIERS[1]}), server_round=3)
+    sel = record_to_arrays(msgs[1].content.array_records[SELECTION_KEY])
+    assert sel["m.q"].tolist() == [4, 5]
+
+
+def test_profiles_from_tiers_and_node_config():
+    tiers = TierTable.from_lists(["low", "mid", "high"], [2, 4, 8])
+    got = [tiers.for_partition(p, 10).tier for p in range(10)]
+    assert got == ["low"] * 3 + ["mid"] * 4 + ["high"] * 3
+    assert resolve_profile({"partition-id": 9, "num-partitions": 10}, tiers).lora_rank == 8
+    assert resolve_profile({"tier": "mid"}, tiers) == ClientProfile("mid", 4)
+    assert resolve_profile({"tier": "edge", "lora-rank": 6}, tiers) == ClientProfile("edge", 6)
+    assert resolve_profile({}, tiers) == ClientProfile()
+    assert ClientProfile("x", 0).budget(8) == 8 and ClientProfile("x", 20).budget(8) == 8
+    with pytest.raises(ValueError, match="lora-rank"):
+        ClientProfile.from_mapping({"lora-rank": -1})
+    with pytest.raises(ValueError, match="tiers.lora-ranks"):
+        TierTable.from_lists(["a", "b"], [2])
+
+
+def test_a_registered_subclass_is_built_from_the_run_config(monkeypatch):
+    from haflq_flower import strategy as registry
+    from haflq_flower.config import ConfigError, parse_run_config
+
+    with pytest.raises(ConfigError, match="allowed: fedit, haflq, hetlora"):
+        parse_run_config({"strategy.name": "round-robin"})
+    monkeypatch.setitem(registry.STRATEGIES, "round-robin", RoundRobinSelection)
+    cfg = parse_run_config({"strategy.name": "round-robin", "strategy.mode": "truncate"})
+    built = registry.build_strategy(cfg)
+    assert isinstance(built, RoundRobinSelection) and built.mode == "truncate"
