@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig, parse_run_config
@@ -26,8 +28,10 @@ from .lora.state import from_array_record, load_trainable_state, to_array_record
 from .lora.view import FREEZE, MODES, component_view
 from .model import load_lora_model, select_device
 from .profiles import resolve_profile
+from .quant.payload import components_from_delta, encode_within_budget
 from .strategy.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
 from .strategy.haflq import (
+    PAYLOAD_KEY,
     PROFILE_KEY,
     SCORES_KEY,
     SELECTION_KEY,
@@ -116,31 +120,87 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if not mode:
         load_trainable_state(model, received)
         result = run()
-        records = {ARRAYS_KEY: to_array_record(trainable_state(model))}
+        records, extra_metrics = {ARRAYS_KEY: to_array_record(trainable_state(model))}, {}
     else:
-        current = trainable_state(model)
-        modules = lora_modules(current)
-        selection = check_selection(
-            record_to_arrays(msg.content.array_records[SELECTION_KEY]),
-            modules,
-            module_rank(current, modules[0]),
+        result, records, extra_metrics = _train_components(
+            msg,
+            model,
+            received,
+            mode,
+            run,
+            cfg,
+            rng=np.random.default_rng([cfg.seed, server_round, pid]),
         )
-        # freeze: the whole rank-R adapter arrives; truncate: only the selected components.
-        full = received if mode == FREEZE else scatter(current, received, selection)
-        load_trainable_state(model, full)
-        before = gather(full, selection)
-        imp = cfg.strategy.importance
-        with component_view(model, selection, mode, imp.beta1, imp.beta2) as view:
-            result = run(after_backward=view.track_importance)
-            scores = view.scores()
-        delta = component_delta(before, gather(trainable_state(model), selection))
-        records = {
-            ARRAYS_KEY: to_array_record(delta),
-            SELECTION_KEY: selection_to_record(selection),
-            SCORES_KEY: to_array_record({m: v.astype(np.float32) for m, v in scores.items()}),
-        }
-    reply = RecordDict({**records, METRICS_KEY: _train_metrics(len(frame), result)})
+    metrics = _train_metrics(len(frame), result)
+    metrics.update(extra_metrics)
+    reply = RecordDict({**records, METRICS_KEY: metrics})
     return Message(content=reply, reply_to=msg)
+
+
+def _train_components(msg, model, received, mode: str, run, cfg: RunConfig, rng):
+    """HAFLQ/HetLoRA local training: only the selected components train (freeze or
+    truncate); returns the training result, the reply records and extra metrics."""
+    current = trainable_state(model)
+    modules = lora_modules(current)
+    selection = check_selection(
+        record_to_arrays(msg.content.array_records[SELECTION_KEY]),
+        modules,
+        module_rank(current, modules[0]),
+    )
+    # freeze: the whole rank-R adapter arrives; truncate: only the selected components.
+    full = received if mode == FREEZE else scatter(current, received, selection)
+    load_trainable_state(model, full)
+    before = gather(full, selection)
+    imp = cfg.strategy.importance
+    with component_view(model, selection, mode, imp.beta1, imp.beta2) as view:
+        result = run(after_backward=view.track_importance)
+        scores = view.scores()
+    delta = component_delta(before, gather(trainable_state(model), selection))
+    upload = encode_upload(delta, selection, scores, modules, msg.content[CONFIG_KEY], rng)
+    records = {
+        **upload.records,
+        SELECTION_KEY: selection_to_record(selection),
+        SCORES_KEY: to_array_record({m: v.astype(np.float32) for m, v in scores.items()}),
+    }
+    return result, records, upload.metrics
+
+
+@dataclass
+class Upload:
+    records: dict[str, ArrayRecord]
+    metrics: dict[str, int]
+
+
+def encode_upload(
+    delta: dict[str, np.ndarray],
+    selection: dict[str, np.ndarray],
+    scores: dict[str, np.ndarray],
+    modules: list[str],
+    node_cfg,
+    rng: np.random.Generator,
+) -> Upload:
+    """The uplink as the server asked for it: adaptive bit-packed payload, fp16 or fp32."""
+    uplink = str(node_cfg.get("uplink", "fp32"))
+    if uplink == "fp32":
+        return Upload({ARRAYS_KEY: to_array_record(delta)}, {})
+    if uplink == "fp16":
+        half = {k: v.astype(np.float16) for k, v in delta.items()}
+        return Upload({ARRAYS_KEY: to_array_record(half)}, {})
+    if uplink != "adaptive":
+        raise ValueError(f"unknown uplink {uplink!r} from the server")
+    budget = int(node_cfg["uplink-budget-bytes"])
+    widths = tuple(int(w) for w in str(node_cfg["uplink-widths"]).split(","))
+    components, head_keys = components_from_delta(delta, selection, modules)
+    importance = np.concatenate([scores[m] for m in modules]) if modules else np.zeros(0)
+    arrays, chosen = encode_within_budget(
+        components, importance, {k: delta[k] for k in head_keys}, budget, rng, widths
+    )
+    record = ArrayRecord(
+        OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items())
+    )
+    metrics = {f"bits-{w}": int((chosen == w).sum()) for w in (16, 8, 4, 2, 0)}
+    metrics["payload-bytes"] = record.count_bytes()
+    return Upload({PAYLOAD_KEY: record}, metrics)
 
 
 def handle_profile(msg: Message, context: Context, cfg: RunConfig) -> Message:

@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "data.dirichlet-alpha": 0.5,
     "data.test-per-class": 150,
     "data.max-train-examples": 0,
-    "train.local-steps": 20,
+    "train.local-steps": 16,
     "train.batch-size": 8,
     "train.learning-rate": 5e-4,
     "train.head-learning-rate": 2e-3,
@@ -56,6 +56,13 @@ DEFAULTS: dict[str, Any] = {
     "tiers.names": "low,mid,high",
     "tiers.lora-ranks": "2,4,8",
     "tiers.fractions": "",
+    "tiers.distances-km": "",
+    "channel.bandwidth-hz": 1e6,
+    "channel.power-w": 0.1,
+    "channel.deadline-s": 3.0,
+    "payload.uplink": "auto",
+    "payload.widths": "16,8,4,2",
+    "payload.downlink-bits": 16,
     "strategy.fraction-train": 1.0,
     "strategy.min-train-nodes": 1,
     "strategy.fraction-evaluate": 0.0,
@@ -70,6 +77,8 @@ PARTITIONERS = ("iid", "dirichlet")
 MODES = ("freeze", "truncate")
 AGGREGATIONS = ("adaptive", "zero-pad")
 TIE_BREAKS = ("index", "seed")
+UPLINKS = ("auto", "adaptive", "fp16", "fp32")
+DOWNLINK_BITS = (16, 32)
 
 
 class ConfigError(ValueError):
@@ -130,6 +139,20 @@ class ImportanceConfig:
 
 
 @dataclass(frozen=True)
+class ChannelConfig:
+    bandwidth_hz: float
+    power_w: float
+    deadline_s: float
+
+
+@dataclass(frozen=True)
+class PayloadConfig:
+    uplink: str
+    widths: tuple[int, ...]
+    downlink_bits: int
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     name: str
     mode: str
@@ -140,6 +163,8 @@ class StrategyConfig:
     round_timeout: float
     importance: ImportanceConfig
     tiers: TierTable
+    channel: ChannelConfig
+    payload: PayloadConfig
 
 
 @dataclass(frozen=True)
@@ -307,18 +332,44 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     try:
         ranks = [int(r) for r in _csv(_get(cfg, "tiers.lora-ranks", str))]
         fractions = [float(f) for f in _csv(_get(cfg, "tiers.fractions", str))]
-        tiers = TierTable.from_lists(_csv(_get(cfg, "tiers.names", str)), ranks, fractions)
+        distances = [float(d) for d in _csv(_get(cfg, "tiers.distances-km", str))]
+        tiers = TierTable.from_lists(
+            _csv(_get(cfg, "tiers.names", str)), ranks, fractions, distances
+        )
     except (ProfileError, ValueError) as err:
         raise ConfigError(
             f'run config tiers: {err}. Example: tiers.names="low,mid,high" '
-            f'tiers.lora-ranks="2,4,8" tiers.fractions="0.4,0.3,0.3"'
+            f'tiers.lora-ranks="2,4,8" tiers.fractions="0.4,0.3,0.3" '
+            f'tiers.distances-km="2.0,1.5,1.1"'
         ) from err
+    try:
+        widths = tuple(sorted({int(w) for w in _csv(_get(cfg, "payload.widths", str))}))
+    except ValueError:
+        widths = ()
+    if not widths or any(w not in (16, 8, 4, 2) for w in widths):
+        raise ConfigError(
+            f"run config 'payload.widths' must list widths from 16, 8, 4, 2; got "
+            f"{cfg.get('payload.widths')!r}"
+        )
+    downlink = _get(cfg, "payload.downlink-bits", int)
+    if downlink not in DOWNLINK_BITS:
+        raise ConfigError(f"run config 'payload.downlink-bits' must be 16 or 32, got {downlink}")
+    payload = PayloadConfig(
+        uplink=_choice(cfg, "payload.uplink", UPLINKS), widths=widths, downlink_bits=downlink
+    )
+    channel = ChannelConfig(
+        bandwidth_hz=_positive(cfg, "channel.bandwidth-hz", float),
+        power_w=_positive(cfg, "channel.power-w", float),
+        deadline_s=_positive(cfg, "channel.deadline-s", float),
+    )
     strategy = StrategyConfig(
         name=_choice(cfg, "strategy.name", _strategy_names()),
         mode=_choice(cfg, "strategy.mode", MODES),
         aggregation=_choice(cfg, "strategy.aggregation", AGGREGATIONS),
         importance=importance,
         tiers=tiers,
+        channel=channel,
+        payload=payload,
         fraction_train=_fraction(cfg, "strategy.fraction-train"),
         min_train_nodes=_positive(cfg, "strategy.min-train-nodes", int),
         fraction_evaluate=_fraction(cfg, "strategy.fraction-evaluate"),

@@ -12,11 +12,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .quant.channel import spread_distances
+
 DEFAULT_TIER = "default"
 
 
 class ProfileError(ValueError):
     """A profile field is missing, of the wrong type, or out of range."""
+
+
+def _non_negative(data: Mapping[str, Any], key: str, source: str) -> float:
+    value = data.get(key, 0.0)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number >= 0 or number == float("inf"):
+        raise ProfileError(f"{source}: '{key}' must be a finite number >= 0, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -30,14 +43,20 @@ class ClientProfile:
     lora_rank : int
         The client's LoRA budget r_k: how many rank-1 components per module it trains.
         0 means "the global rank R".
+    distance_km : float
+        Distance to the base station for the channel model; 0 = the run's default.
+    uplink_bps : float
+        A measured uplink rate in bit/s; when > 0 it replaces the channel model.
     """
 
     tier: str = DEFAULT_TIER
     lora_rank: int = 0
+    distance_km: float = 0.0
+    uplink_bps: float = 0.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "profile") -> ClientProfile:
-        """Parse ``tier`` and ``lora-rank`` (other keys are ignored)."""
+        """Parse ``tier``, ``lora-rank``, ``distance-km``, ``uplink-bps`` (others ignored)."""
         tier = data.get("tier", DEFAULT_TIER)
         if not isinstance(tier, str) or not tier:
             raise ProfileError(f"{source}: 'tier' must be a non-empty string, got {tier!r}")
@@ -48,7 +67,12 @@ class ClientProfile:
             rank = int(rank)
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
             raise ProfileError(f"{source}: 'lora-rank' must be an integer >= 0, got {rank!r}")
-        return cls(tier=tier, lora_rank=rank)
+        return cls(
+            tier=tier,
+            lora_rank=rank,
+            distance_km=_non_negative(data, "distance-km", source),
+            uplink_bps=_non_negative(data, "uplink-bps", source),
+        )
 
     def to_record(self) -> dict[str, str | int]:
         """Flat fields for a Flower ConfigRecord (the keys :meth:`from_mapping` reads)."""
@@ -68,7 +92,11 @@ class TierTable:
 
     @classmethod
     def from_lists(
-        cls, names: Sequence[str], ranks: Sequence[int], fractions: Sequence[float] = ()
+        cls,
+        names: Sequence[str],
+        ranks: Sequence[int],
+        fractions: Sequence[float] = (),
+        distances_km: Sequence[float] = (),
     ) -> TierTable:
         if not names:
             raise ProfileError("tiers.names names no tier")
@@ -83,9 +111,16 @@ class TierTable:
             raise ProfileError(
                 f"tiers.fractions must give one positive value per tier, got {list(fractions)}"
             )
+        distances = tuple(distances_km) or tuple(spread_distances(len(names)))
+        if len(distances) != len(names):
+            raise ProfileError(
+                f"tiers.distances-km has {len(distances)} value(s) for {len(names)} tier(s)"
+            )
         profiles = tuple(
-            ClientProfile.from_mapping({"tier": n, "lora-rank": r}, source=f"tier '{n}'")
-            for n, r in zip(names, ranks, strict=True)
+            ClientProfile.from_mapping(
+                {"tier": n, "lora-rank": r, "distance-km": d}, source=f"tier '{n}'"
+            )
+            for n, r, d in zip(names, ranks, distances, strict=True)
         )
         total = sum(fractions)
         return cls(profiles=profiles, fractions=tuple(f / total for f in fractions))

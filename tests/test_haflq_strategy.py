@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from haflq_flower.client_app import encode_upload
+from haflq_flower.config import ChannelConfig
 from haflq_flower.lora.components import gather
 from haflq_flower.lora.state import from_array_record, to_array_record
 from haflq_flower.profiles import ClientProfile, TierTable, resolve_profile
@@ -60,15 +62,17 @@ class FakeGrid:
 
 
 def _reply(msg: Message, n: int, scale: float = 1.0, tamper=None) -> Message:
-    """A well-formed client reply: deltas of the assigned components, scores = index + 1."""
+    """A client reply encoded by the real client code: constant deltas (exact at every bit
+    width) for the assigned components, scores = index + 1."""
     sel = record_to_arrays(msg.content.array_records[SELECTION_KEY])
     sent = from_array_record(msg.content.array_records["arrays"])
-    mode = msg.content["config"]["mode"]
-    shapes = gather(sent, sel) if mode == "freeze" else sent
-    delta = OrderedDict((k, np.full_like(v, scale)) for k, v in shapes.items())
+    cfg = msg.content["config"]
+    shapes = gather(sent, sel) if cfg["mode"] == "freeze" else sent
+    delta = OrderedDict((k, np.full(v.shape, scale, np.float32)) for k, v in shapes.items())
     scores = {m: (idx + 1).astype(np.float32) for m, idx in sel.items()}
+    upload = encode_upload(delta, sel, scores, MODS, cfg, np.random.default_rng(0))
     records = {
-        "arrays": to_array_record(delta),
+        **upload.records,
         SELECTION_KEY: selection_to_record(sel),
         SCORES_KEY: to_array_record(scores),
         "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
@@ -110,12 +114,21 @@ def test_each_node_gets_its_rank_and_mode_and_profiles_are_queried_once():
     assert sorted(grid.queries) == [1, 2, 3]  # no second query for known nodes
 
 
-def test_freeze_mode_sends_the_whole_adapter():
+def test_freeze_mode_sends_the_whole_adapter_at_the_downlink_precision():
     strategy = HAFLQStrategy(mode="freeze")
     state, msgs = _round(strategy, FakeGrid(dict(TIERS)))
     for node in TIERS:
         arrays = from_array_record(msgs[node].content.array_records["arrays"])
-        assert all(np.array_equal(arrays[k], state[k]) for k in state)
+        assert all(arrays[k].dtype == np.float16 for k in state)  # 16-bit downlink (default)
+        assert all(np.array_equal(arrays[k], state[k].astype(np.float16)) for k in state)
+    full = HAFLQStrategy(mode="freeze", downlink_bits=32)
+    _, msgs32 = _round(full, FakeGrid(dict(TIERS)))
+    arrays = from_array_record(msgs32[1].content.array_records["arrays"])
+    assert all(np.array_equal(arrays[k], state[k]) for k in state)
+    # half the array bytes down (the counted totals also carry npy headers and keys)
+    half = from_array_record(msgs[1].content.array_records["arrays"])
+    assert 2 * sum(v.nbytes for v in half.values()) == sum(v.nbytes for v in arrays.values())
+    assert strategy.stats[1].bytes_down < full.stats[1].bytes_down
 
 
 def test_mixed_rank_replies_aggregate_adaptively_and_update_importance():
@@ -192,7 +205,7 @@ def test_hetlora_truncates_to_the_first_components_and_zero_pads_values():
     ],
 )
 def test_malformed_replies_are_rejected_and_change_nothing(tamper, reason):
-    strategy = HAFLQStrategy(mode="truncate")
+    strategy = HAFLQStrategy(mode="truncate", uplink="fp32")
     state, msgs = _round(strategy, FakeGrid(dict(TIERS)))
     replies = [_reply(msgs[1], 10, 1.0, tamper=tamper), _reply(msgs[3], 60, 4.0)]
     out = from_array_record(strategy.aggregate_train(1, replies)[0])
@@ -232,7 +245,7 @@ def test_profiles_from_tiers_and_node_config():
     got = [tiers.for_partition(p, 10).tier for p in range(10)]
     assert got == ["low"] * 3 + ["mid"] * 4 + ["high"] * 3
     assert resolve_profile({"partition-id": 9, "num-partitions": 10}, tiers).lora_rank == 8
-    assert resolve_profile({"tier": "mid"}, tiers) == ClientProfile("mid", 4)
+    assert resolve_profile({"tier": "mid"}, tiers) == ClientProfile("mid", 4, 1.55)
     assert resolve_profile({"tier": "edge", "lora-rank": 6}, tiers) == ClientProfile("edge", 6)
     assert resolve_profile({}, tiers) == ClientProfile()
     assert ClientProfile("x", 0).budget(8) == 8 and ClientProfile("x", 20).budget(8) == 8
@@ -252,3 +265,42 @@ def test_a_registered_subclass_is_built_from_the_run_config(monkeypatch):
     cfg = parse_run_config({"strategy.name": "round-robin", "strategy.mode": "truncate"})
     built = registry.build_strategy(cfg)
     assert isinstance(built, RoundRobinSelection) and built.mode == "truncate"
+
+
+def test_adaptive_uplink_budgets_follow_the_channel_and_drop_what_does_not_fit():
+    from haflq_flower.quant.payload import ComponentSet, component_cost, encode, record_bytes
+
+    head = {"score.weight": np.zeros((2, D_OUT), np.float32)}
+    empty = ComponentSet(np.zeros((0, 2), np.int64), [], [])
+    fixed = record_bytes(encode(empty, np.zeros(0), head, np.random.default_rng(0)))
+    one = component_cost(D_IN + D_OUT, 2)
+    # budget = rate * deadline / 8: room for the fixed part and one 2-bit component (not 4-bit)
+    rate = (fixed + one + 1) * 8
+    profiles = {1: ClientProfile("low", 2, uplink_bps=rate), 3: ClientProfile("high", 8, 1.1)}
+    channel = ChannelConfig(bandwidth_hz=1e6, power_w=0.1, deadline_s=1.0)
+    strategy = HAFLQStrategy(mode="truncate", channel=channel)  # adaptive uplink
+    state, msgs = _round(strategy, FakeGrid(profiles))
+    assert msgs[1].content["config"]["uplink-budget-bytes"] == fixed + one + 1
+    far = HAFLQStrategy().uplink_budget_bytes(0, ClientProfile("x", 2, 2.0))
+    near = HAFLQStrategy().uplink_budget_bytes(0, ClientProfile("x", 2, 1.1))
+    assert near > 4 * far  # 1.1 km vs 2.0 km: ~5x the Shannon rate
+    out = from_array_record(strategy.aggregate_train(1, [_reply(msgs[1], 10, 1.0)])[0])
+    client = strategy.stats[1].clients[1]
+    assert client.status == "ok" and client.payload_bytes <= client.budget_bytes
+    assert client.bits == {"16": 0, "8": 0, "4": 0, "2": 1} and client.components_up == 1
+    delta_q = out["m.q.lora_A.weight"] - state["m.q.lora_A.weight"]
+    delta_v = out["m.v.lora_A.weight"] - state["m.v.lora_A.weight"]
+    # the most important trained component (m.q #1, score 2; ties by module order) was sent
+    np.testing.assert_allclose(delta_q[1], 1.0, rtol=1e-6)
+    # the others were trained but dropped: excluded from aggregation, bit-identical
+    assert not delta_q[0].any() and not delta_v.any()
+    # ... but their importance was still reported
+    np.testing.assert_allclose(strategy.importance.scores["m.v"][:2], [1.0, 2.0])
+
+
+def test_payload_over_budget_is_rejected():
+    strategy = HAFLQStrategy(mode="truncate")
+    state, msgs = _round(strategy, FakeGrid({1: ClientProfile("low", 2, 1.1)}))
+    strategy.assignments[1].budget_bytes = 100  # the client encoded for a larger budget
+    assert strategy.aggregate_train(1, [_reply(msgs[1], 10, 1.0)]) == (None, None)
+    assert "exceeds the budget" in strategy.stats[1].rejected[0]["reason"]

@@ -81,6 +81,10 @@ def test_in_process_simulation_with_three_tiers(tmp_path, strategy, mode, aggreg
         up = [by_tier[t]["bytes_up"] for t in ("low", "mid", "high")]
         assert opt[0] < opt[1] < opt[2] and up[0] < up[1] < up[2]
         assert len(r["clients_per_component"]) == 8
+        if strategy == "haflq":  # adaptive, bit-packed uplink within each channel budget
+            for c in r["clients"]:
+                assert 0 < c["payload_bytes"] <= c["budget_bytes"]
+                assert sum(c["bits"].values()) == c["components_up"] > 0
         assert r["control_bytes"] > 0 if r["round"] == 1 else r["control_bytes"] == 0
 
 

@@ -29,13 +29,19 @@ def build_strategy(cfg: RunConfig) -> LoRAStrategy:
     )
     cls = STRATEGIES[cfg.strategy.name]
     if issubclass(cls, HAFLQStrategy):
-        return cls(
+        payload = cfg.strategy.payload
+        kwargs = dict(
             mode=cfg.strategy.mode,
             aggregation=cfg.strategy.aggregation,
             importance_smoothing=cfg.strategy.importance.smoothing,
             tie_break=cfg.strategy.importance.tie_break,
-            **common,
+            widths=payload.widths,
+            downlink_bits=payload.downlink_bits,
+            channel=cfg.strategy.channel,
         )
+        if payload.uplink != "auto":  # auto: the class's own default
+            kwargs["uplink"] = payload.uplink
+        return cls(**kwargs, **common)
     return cls(**common)
 
 

@@ -69,6 +69,10 @@ class ClientRoundStats:
     trainable_params: int = 0
     optimizer_state_bytes: int = 0
     components_up: int = 0
+    # Adaptive uplink: the channel budget, the payload's bytes, components per bit width.
+    budget_bytes: int = 0
+    payload_bytes: int = 0
+    bits: dict[str, int] = field(default_factory=dict)
     status: str = "sent"
 
 

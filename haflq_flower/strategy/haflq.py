@@ -28,6 +28,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from ..config import ChannelConfig
 from ..lora.aggregate import (
     ADAPTIVE,
     AGGREGATIONS,
@@ -41,11 +42,14 @@ from ..lora.components import (
     gather,
     lora_modules,
     module_rank,
+    other_keys,
 )
 from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance
 from ..lora.state import LoraState, from_array_record, record_dict_bytes, to_array_record
 from ..lora.view import FREEZE, MODES
 from ..profiles import ClientProfile, ProfileError
+from ..quant.channel import round_budget_bits, shannon_rate_bps
+from ..quant.payload import WIDTHS, Layout, PayloadError, decode, delta_from_components
 from .base import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -61,6 +65,8 @@ PROFILE_QUERY = "query.profile"
 PROFILE_KEY = "profile"
 SELECTION_KEY = "selection"
 SCORES_KEY = "scores"
+PAYLOAD_KEY = "payload"
+UPLINKS = ("adaptive", "fp16", "fp32")
 
 
 def selection_to_record(selection: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -80,14 +86,21 @@ class Assignment:
     profile: ClientProfile
     rank: int
     selection: Selection
+    budget_bytes: int = 0
 
 
 @dataclass
 class ComponentPayload:
-    """A decoded HAFLQ reply: the uploaded component deltas and their scores."""
+    """A decoded HAFLQ reply.
+
+    ``selection``/``delta``: the components that were uploaded (and so are aggregated);
+    ``trained``/``scores``: every component the client trained, with its importance (a
+    component dropped from the upload for lack of bandwidth still reports its score).
+    """
 
     selection: Selection
     delta: LoraState
+    trained: Selection
     scores: dict[str, np.ndarray]
 
 
@@ -110,6 +123,16 @@ class HAFLQStrategy(LoRAStrategy):
         Equal scores (round 1: all zero) go to the lower index, or to a seeded order.
     query_timeout : float (default: 300.0)
         Seconds to wait for profile replies.
+    uplink : str (default: "adaptive")
+        ``adaptive``: importance-aware bit widths under each client's channel budget,
+        bit-packed; ``fp16``/``fp32``: every trained component at that precision.
+    widths : tuple of int (default: (16, 8, 4, 2))
+        Widths the adaptive uplink may use.
+    downlink_bits : int (default: 16)
+        Precision of the adapter sent to clients (16 or 32).
+    channel : ChannelConfig, optional
+        Bandwidth, transmit power and upload deadline of the channel model (defaults:
+        1 MHz, 0.1 W, 3 s).
     **kwargs
         Passed to :class:`LoRAStrategy` (fractions, minimum nodes, seed).
     """
@@ -122,6 +145,10 @@ class HAFLQStrategy(LoRAStrategy):
         importance_smoothing: float = 0.5,
         tie_break: str = "index",
         query_timeout: float = 300.0,
+        uplink: str = "adaptive",
+        widths: tuple[int, ...] = WIDTHS,
+        downlink_bits: int = 16,
+        channel: ChannelConfig | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -131,8 +158,16 @@ class HAFLQStrategy(LoRAStrategy):
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         if tie_break not in TIE_BREAKS:
             raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
+        if uplink not in UPLINKS:
+            raise ValueError(f"uplink must be one of {UPLINKS}, got {uplink!r}")
+        if downlink_bits not in (16, 32):
+            raise ValueError(f"downlink_bits must be 16 or 32, got {downlink_bits}")
         self.mode = mode
         self.aggregation = aggregation
+        self.uplink = uplink
+        self.widths = tuple(widths)
+        self.downlink_bits = downlink_bits
+        self.channel = channel or ChannelConfig(bandwidth_hz=1e6, power_w=0.1, deadline_s=3.0)
         self.default_profile = default_profile or ClientProfile()
         self.importance_smoothing = importance_smoothing
         self.tie_break = tie_break
@@ -147,6 +182,14 @@ class HAFLQStrategy(LoRAStrategy):
         """r_k for a node: its profile's LoRA rank, clipped to [1, R]."""
         return profile.budget(global_rank)
 
+    def uplink_budget_bytes(self, node_id: int, profile: ClientProfile) -> int:
+        """C_k / 8: the node's measured rate, or the Shannon rate at its distance, times
+        the upload deadline."""
+        rate = profile.uplink_bps or shannon_rate_bps(
+            self.channel.bandwidth_hz, self.channel.power_w, profile.distance_km or 1.5
+        )
+        return round_budget_bits(rate, self.channel.deadline_s) // 8
+
     def select_components(self, server_round: int, node_id: int, budget: int) -> Selection:
         """The node's components per module: the top ``budget`` by global importance."""
         return self.importance.select(budget, self._tie_order)
@@ -160,10 +203,7 @@ class HAFLQStrategy(LoRAStrategy):
     def update_importance(self, server_round: int, updates: list[ClientUpdate]) -> None:
         """Fold the clients' reported scores into the global importance (n_k-weighted)."""
         self.importance.update(
-            [
-                ComponentReport(u.num_examples, u.payload.selection, u.payload.scores)
-                for u in updates
-            ]
+            [ComponentReport(u.num_examples, u.payload.trained, u.payload.scores) for u in updates]
         )
 
     # -------------------------------------------------------------- profiles
@@ -236,21 +276,30 @@ class HAFLQStrategy(LoRAStrategy):
             profile = self.profiles.get(node_id, self.default_profile)
             rank = self.client_budget(node_id, profile, self.global_rank)
             selection = self.select_components(server_round, node_id, rank)
-            self.assignments[node_id] = Assignment(profile, rank, selection)
+            budget = self.uplink_budget_bytes(node_id, profile) if self.uplink == "adaptive" else 0
+            self.assignments[node_id] = Assignment(profile, rank, selection, budget)
             client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
-            client.tier, client.rank = profile.tier, rank
+            client.tier, client.rank, client.budget_bytes = profile.tier, rank, budget
 
     def train_records(
         self, server_round: int, node_id: int, global_state: LoraState
     ) -> dict[str, ArrayRecord | ConfigRecord]:
         job = self.assignments[node_id]
         arrays = global_state if self.mode == FREEZE else gather(global_state, job.selection)
+        if self.downlink_bits == 16:
+            arrays = OrderedDict((k, v.astype(np.float16)) for k, v in arrays.items())
+        config = {
+            "mode": self.mode,
+            "rank": job.rank,
+            "tier": job.profile.tier,
+            "uplink": self.uplink,
+            "uplink-budget-bytes": job.budget_bytes,
+            "uplink-widths": ",".join(str(w) for w in self.widths),
+        }
         return {
             ARRAYS_KEY: to_array_record(arrays),
             SELECTION_KEY: selection_to_record(job.selection),
-            CONFIG_KEY: ConfigRecord(
-                {"mode": self.mode, "rank": job.rank, "tier": job.profile.tier}
-            ),
+            CONFIG_KEY: ConfigRecord(config),
         }
 
     def decode_reply(
@@ -259,17 +308,40 @@ class HAFLQStrategy(LoRAStrategy):
         job = self.assignments.get(node_id)
         if job is None:
             raise ReplyError("reply from a node that was not asked to train this round")
-        for key in (ARRAYS_KEY, SELECTION_KEY, SCORES_KEY):
+        upload_key = PAYLOAD_KEY if self.uplink == "adaptive" else ARRAYS_KEY
+        for key in (upload_key, SELECTION_KEY, SCORES_KEY):
             if key not in content.array_records:
                 raise ReplyError(f"reply lacks the '{key}' record")
         modules = list(job.selection)
-        selection = check_selection(
+        trained = check_selection(
             record_to_arrays(content.array_records[SELECTION_KEY]), modules, self.global_rank
         )
         for m in modules:
-            if not np.isin(selection[m], job.selection[m]).all():
-                raise ReplyError(f"{m}: uploaded components that were not assigned")
-        delta = from_array_record(content.array_records[ARRAYS_KEY])
+            if not np.isin(trained[m], job.selection[m]).all():
+                raise ReplyError(f"{m}: trained components that were not assigned")
+        scores = record_to_arrays(content.array_records[SCORES_KEY])
+        if set(scores) != set(modules):
+            raise ReplyError("scores do not name the assigned modules")
+        for m in modules:
+            sc = np.asarray(scores[m], dtype=np.float64)
+            if sc.shape != trained[m].shape or not np.isfinite(sc).all() or (sc < 0).any():
+                raise ReplyError(f"{m}: scores must be {trained[m].shape} finite, >= 0")
+            scores[m] = sc
+        if self.uplink == "adaptive":
+            selection, delta = self._decode_payload(content.array_records[PAYLOAD_KEY], job, stats)
+        else:
+            selection, delta = (
+                trained,
+                self._decode_arrays(content.array_records[ARRAYS_KEY], trained),
+            )
+        for m in modules:
+            if not np.isin(selection[m], trained[m]).all():
+                raise ReplyError(f"{m}: uploaded components that were not trained")
+        stats.components_up = int(sum(len(idx) for idx in selection.values()))
+        return ComponentPayload(selection, delta, trained, scores)
+
+    def _decode_arrays(self, record: ArrayRecord, selection: Selection) -> LoraState:
+        delta = from_array_record(record)
         expected = gather(self._global, selection)
         if set(delta) != set(expected):
             raise ReplyError(
@@ -281,16 +353,37 @@ class HAFLQStrategy(LoRAStrategy):
                 raise ReplyError(f"{key}: shape {value.shape} {value.dtype}, expected {ref.shape}")
             if not np.isfinite(value).all():
                 raise ReplyError(f"{key}: contains NaN or Inf")
-        scores = record_to_arrays(content.array_records[SCORES_KEY])
-        if set(scores) != set(modules):
-            raise ReplyError("scores do not name the assigned modules")
-        for m in modules:
-            sc = np.asarray(scores[m], dtype=np.float64)
-            if sc.shape != selection[m].shape or not np.isfinite(sc).all() or (sc < 0).any():
-                raise ReplyError(f"{m}: scores must be {selection[m].shape} finite, >= 0")
-            scores[m] = sc
-        stats.components_up = int(sum(len(idx) for idx in selection.values()))
-        return ComponentPayload(selection, delta, scores)
+            delta[key] = value.astype(np.float32)
+        return delta
+
+    def _layout(self) -> Layout:
+        modules = list(self.importance.modules)
+        dims = tuple(
+            (
+                self._global[f"{m}.lora_A.weight"].shape[1],
+                self._global[f"{m}.lora_B.weight"].shape[0],
+            )
+            for m in modules
+        )
+        heads = {k: self._global[k].shape for k in other_keys(self._global)}
+        return Layout(module_dims=dims, rank=self.global_rank, head_shapes=heads)
+
+    def _decode_payload(
+        self, record: ArrayRecord, job: Assignment, stats: ClientRoundStats
+    ) -> tuple[Selection, LoraState]:
+        size = record.count_bytes()
+        if size > job.budget_bytes:
+            raise ReplyError(f"payload of {size} bytes exceeds the budget of {job.budget_bytes}")
+        layout = self._layout()
+        try:
+            keys, widths, a, b, head = decode(record_to_arrays(record), layout)
+        except PayloadError as err:
+            raise ReplyError(f"payload: {err}") from err
+        stats.bits = {str(w): int((widths == w).sum()) for w in (*WIDTHS,)}
+        stats.payload_bytes = size
+        return delta_from_components(
+            keys, a, b, head, list(self.importance.modules), layout.module_dims
+        )
 
     def aggregate(
         self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]

@@ -15,11 +15,13 @@ class HetLoRA(HAFLQStrategy):
     client's factors to R and averages the values with weights
     ``w_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F`` per module; the head is FedAvg'd.
 
-    The paper's optional local rank self-pruning is not implemented.
+    Uploads are full precision (fp32) unless ``uplink`` says otherwise. The paper's
+    optional local rank self-pruning is not implemented.
     """
 
     def __init__(self, **kwargs) -> None:
         kwargs["mode"] = TRUNCATE
+        kwargs.setdefault("uplink", "fp32")
         super().__init__(**kwargs)
 
     def select_components(self, server_round: int, node_id: int, budget: int) -> Selection:

@@ -1,0 +1,1 @@
+"""Quantization: the uplink channel model and the bit-packed payload codec."""
