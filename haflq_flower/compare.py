@@ -46,6 +46,14 @@ ARMS: dict[str, dict[str, Any]] = {
         "strategy.mode": "freeze",
         "strategy.aggregation": "adaptive",
     },
+    # ... plus bandwidth-adaptive bit-packed uploads and a 16-bit downlink
+    "haflq-quant": {
+        "strategy.name": "haflq",
+        "strategy.mode": "freeze",
+        "strategy.aggregation": "adaptive",
+        "payload.uplink": "adaptive",
+        "payload.downlink-bits": 16,
+    },
 }
 
 
