@@ -28,9 +28,10 @@ from .lora.state import from_array_record, load_trainable_state, to_array_record
 from .lora.view import FREEZE, MODES, component_view
 from .model import load_lora_model, select_device
 from .profiles import resolve_profile
-from .quant.payload import components_from_delta, encode_within_budget
+from .quant.payload import components_from_delta, decode_downlink, encode_within_budget
 from .strategy.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
 from .strategy.haflq import (
+    DOWN_KEY,
     PAYLOAD_KEY,
     PROFILE_KEY,
     SCORES_KEY,
@@ -116,8 +117,8 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             after_backward=after_backward,
         )
 
-    received = from_array_record(msg.content[ARRAYS_KEY])
     if not mode:
+        received = from_array_record(msg.content[ARRAYS_KEY])
         load_trainable_state(model, received)
         result = run()
         records, extra_metrics = {ARRAYS_KEY: to_array_record(trainable_state(model))}, {}
@@ -137,7 +138,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     return Message(content=reply, reply_to=msg)
 
 
-def _train_components(msg, model, received, mode: str, run, cfg: RunConfig, rng):
+def _train_components(msg, model, mode: str, run, cfg: RunConfig, rng):
     """HAFLQ/HetLoRA local training: only the selected components train (freeze or
     truncate); returns the training result, the reply records and extra metrics."""
     current = trainable_state(model)
@@ -147,8 +148,15 @@ def _train_components(msg, model, received, mode: str, run, cfg: RunConfig, rng)
         modules,
         module_rank(current, modules[0]),
     )
-    # freeze: the whole rank-R adapter arrives; truncate: only the selected components.
-    full = received if mode == FREEZE else scatter(current, received, selection)
+    if DOWN_KEY in msg.content.array_records:  # 8-bit downlink
+        sent, sub = decode_downlink(
+            record_to_arrays(msg.content.array_records[DOWN_KEY]), current, modules
+        )
+        full = scatter(current, sub, sent)
+    else:
+        # freeze: the whole rank-R adapter arrives; truncate: only the selected components.
+        received = from_array_record(msg.content.array_records[ARRAYS_KEY])
+        full = received if mode == FREEZE else scatter(current, received, selection)
     load_trainable_state(model, full)
     before = gather(full, selection)
     imp = cfg.strategy.importance

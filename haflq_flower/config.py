@@ -78,7 +78,7 @@ MODES = ("freeze", "truncate")
 AGGREGATIONS = ("adaptive", "zero-pad")
 TIE_BREAKS = ("index", "seed")
 UPLINKS = ("auto", "adaptive", "fp16", "fp32")
-DOWNLINK_BITS = (16, 32)
+DOWNLINK_BITS = (8, 16, 32)
 
 
 class ConfigError(ValueError):
@@ -353,7 +353,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         )
     downlink = _get(cfg, "payload.downlink-bits", int)
     if downlink not in DOWNLINK_BITS:
-        raise ConfigError(f"run config 'payload.downlink-bits' must be 16 or 32, got {downlink}")
+        raise ConfigError(f"run config 'payload.downlink-bits' must be 8, 16 or 32, got {downlink}")
     payload = PayloadConfig(
         uplink=_choice(cfg, "payload.uplink", UPLINKS), widths=widths, downlink_bits=downlink
     )

@@ -304,3 +304,27 @@ def test_payload_over_budget_is_rejected():
     strategy.assignments[1].budget_bytes = 100  # the client encoded for a larger budget
     assert strategy.aggregate_train(1, [_reply(msgs[1], 10, 1.0)]) == (None, None)
     assert "exceeds the budget" in strategy.stats[1].rejected[0]["reason"]
+
+
+@pytest.mark.parametrize("mode", ["freeze", "truncate"])
+def test_eight_bit_downlink_decodes_close_to_the_global(mode):
+    from haflq_flower.quant.payload import decode_downlink
+
+    s8 = HAFLQStrategy(mode=mode, downlink_bits=8)
+    s16 = HAFLQStrategy(mode=mode, downlink_bits=16)
+    state, msgs = _round(s8, FakeGrid({1: TIERS[2]}))
+    _, msgs16 = _round(s16, FakeGrid({1: TIERS[2]}))
+    record = msgs[1].content.array_records["down"]
+    assert "arrays" not in msgs[1].content.array_records
+    sent, sub = decode_downlink(record_to_arrays(record), state, MODS)
+    expected = 4 if mode == "truncate" else R
+    assert all(len(idx) == expected for idx in sent.values())
+    for m in MODS:
+        a_ref = state[f"{m}.lora_A.weight"][sent[m], :]
+        step = np.ptp(a_ref, axis=1, keepdims=True) / 255
+        assert np.all(np.abs(sub[f"{m}.lora_A.weight"] - a_ref) <= step + 1e-6)
+    np.testing.assert_allclose(sub["score.weight"], state["score.weight"], atol=2e-3)
+    # one byte per LoRA element instead of two (plus a float32 lo/scale per vector)
+    half = from_array_record(msgs16[1].content.array_records["arrays"])
+    lora16 = sum(v.nbytes for k, v in half.items() if "lora_" in k)
+    assert 2 * record_to_arrays(record)["code.8"].nbytes == lora16

@@ -63,6 +63,8 @@ def test_in_process_simulation_with_three_tiers(tmp_path, strategy, mode, aggreg
         **TINY,
         "strategy.name": strategy,
         **({"strategy.mode": mode, "strategy.aggregation": aggregation} if mode else {}),
+        # the truncation case also exercises the 8-bit downlink end to end
+        **({"payload.downlink-bits": 8} if mode == "truncate" else {}),
         "output.dir": str(tmp_path / "run"),
     }
     run_simulation(

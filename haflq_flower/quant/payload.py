@@ -43,15 +43,19 @@ class PayloadError(ValueError):
 
 # --------------------------------------------------------------------------- bit packing
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack integer codes in ``[0, 2^bits)`` into bytes, little-end first (8 bits: a copy)."""
+    """Pack integer codes in ``[0, 2^bits)`` into bytes, little end first (8 bits: a copy)."""
     codes = np.asarray(codes, dtype=np.uint8).ravel()
     if bits == 8:
         return codes.copy()
     per_byte = 8 // bits
     pad = (-len(codes)) % per_byte
-    grouped = np.concatenate([codes, np.zeros(pad, np.uint8)]).reshape(-1, per_byte)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(grouped << shifts, axis=1).astype(np.uint8)
+    if pad:
+        codes = np.concatenate([codes, np.zeros(pad, np.uint8)])
+    grouped = codes.reshape(-1, per_byte)
+    out = grouped[:, 0].copy()
+    for j in range(1, per_byte):  # 1 or 3 vectorized shifts, not a loop over elements
+        out |= grouped[:, j] << np.uint8(j * bits)
+    return out
 
 
 def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -60,9 +64,11 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     if bits == 8:
         return packed[:count].copy()
     per_byte = 8 // bits
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
     mask = np.uint8((1 << bits) - 1)
-    return ((packed[:, None] >> shifts) & mask).ravel()[:count]
+    out = np.empty((len(packed), per_byte), dtype=np.uint8)
+    for j in range(per_byte):
+        np.bitwise_and(packed >> np.uint8(j * bits), mask, out=out[:, j])
+    return out.ravel()[:count]
 
 
 def packed_len(count: int, bits: int) -> int:
@@ -70,10 +76,8 @@ def packed_len(count: int, bits: int) -> int:
 
 
 # --------------------------------------------------------------------- quantization
-def _segments(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    ids = np.repeat(np.arange(len(lengths)), lengths)
-    return starts, ids
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
 
 def quantize(
@@ -82,28 +86,33 @@ def quantize(
     """Per-vector asymmetric uniform quantization with stochastic rounding.
 
     ``flat`` is the concatenation of vectors of the given ``lengths`` (all > 0). Returns
-    (codes, lo, scale) with one ``lo``/``scale`` per vector, as float32.
+    (codes, lo, scale) with one ``lo``/``scale`` per vector, as float32. Stochastic
+    rounding as ``floor(y + u)``, ``u ~ U[0, 1)``: rounds up with probability ``y - floor(y)``.
     """
     flat = np.asarray(flat, dtype=np.float32)
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) == 0:
         return np.zeros(0, np.uint8), np.zeros(0, np.float32), np.zeros(0, np.float32)
-    starts, ids = _segments(lengths)
+    starts = _starts(lengths)
     lo = np.minimum.reduceat(flat, starts).astype(np.float32)
     hi = np.maximum.reduceat(flat, starts).astype(np.float32)
     levels = (1 << bits) - 1
     scale = ((hi - lo) / levels).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    y = (flat - lo[ids]) / safe[ids]
-    y = np.clip(y, 0.0, levels)
-    floor = np.floor(y)
-    codes = floor + (rng.random(y.shape, dtype=np.float32) < (y - floor))
-    return np.clip(codes, 0, levels).astype(np.uint8), lo, scale
+    inv = np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0).astype(np.float32)
+    y = flat - np.repeat(lo, lengths)
+    y *= np.repeat(inv, lengths)
+    y += rng.random(y.shape, dtype=np.float32)
+    np.floor(y, out=y)
+    np.clip(y, 0, levels, out=y)
+    return y.astype(np.uint8), lo, scale
 
 
 def dequantize(codes: np.ndarray, lo: np.ndarray, scale: np.ndarray, lengths) -> np.ndarray:
-    _, ids = _segments(np.asarray(lengths, dtype=np.int64))
-    return (lo[ids] + codes.astype(np.float32) * scale[ids]).astype(np.float32)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out = codes.astype(np.float32)
+    out *= np.repeat(scale, lengths)
+    out += np.repeat(lo, lengths)
+    return out
 
 
 # ---------------------------------------------------------------------- size model
@@ -382,3 +391,35 @@ def delta_from_components(
     for key, value in head.items():
         delta[key] = value
     return selection, delta
+
+
+def layout_of(state: Mapping[str, np.ndarray], modules: Sequence[str]) -> Layout:
+    """The :class:`Layout` of an adapter state (what both sides know of the model)."""
+    dims = tuple((int(state[a_key(m)].shape[1]), int(state[b_key(m)].shape[0])) for m in modules)
+    rank = int(state[a_key(modules[0])].shape[0]) if modules else 0
+    return Layout(dims, rank, {k: tuple(state[k].shape) for k in other_keys(state)})
+
+
+def encode_downlink(
+    sub: Mapping[str, np.ndarray],
+    selection: Mapping[str, np.ndarray],
+    modules: Sequence[str],
+    rng: np.random.Generator,
+):
+    """An 8-bit downlink record: every sent component at 8 bits, the head in float16."""
+    from flwr.app import Array, ArrayRecord
+
+    components, head_keys = components_from_delta(sub, selection, modules)
+    arrays = encode(
+        components, np.full(len(components.keys), 8), {k: sub[k] for k in head_keys}, rng
+    )
+    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+
+
+def decode_downlink(
+    arrays: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray], modules: Sequence[str]
+) -> tuple[dict[str, np.ndarray], OrderedDict[str, np.ndarray]]:
+    """(selection, sub-state) from an 8-bit downlink record, checked against ``state``."""
+    layout = layout_of(state, modules)
+    keys, _, a, b, head = decode(arrays, layout)
+    return delta_from_components(keys, a, b, head, modules, layout.module_dims)

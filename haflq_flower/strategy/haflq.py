@@ -39,17 +39,25 @@ from ..lora.aggregate import (
 from ..lora.components import (
     Selection,
     check_selection,
+    full_selection,
     gather,
     lora_modules,
     module_rank,
-    other_keys,
 )
 from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance
 from ..lora.state import LoraState, from_array_record, record_dict_bytes, to_array_record
 from ..lora.view import FREEZE, MODES
 from ..profiles import ClientProfile, ProfileError
 from ..quant.channel import round_budget_bits, shannon_rate_bps
-from ..quant.payload import WIDTHS, Layout, PayloadError, decode, delta_from_components
+from ..quant.payload import (
+    WIDTHS,
+    Layout,
+    PayloadError,
+    decode,
+    delta_from_components,
+    encode_downlink,
+    layout_of,
+)
 from .base import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -66,6 +74,7 @@ PROFILE_KEY = "profile"
 SELECTION_KEY = "selection"
 SCORES_KEY = "scores"
 PAYLOAD_KEY = "payload"
+DOWN_KEY = "down"  # an 8-bit downlink payload, in place of ``arrays``
 UPLINKS = ("adaptive", "fp16", "fp32")
 
 
@@ -129,7 +138,8 @@ class HAFLQStrategy(LoRAStrategy):
     widths : tuple of int (default: (16, 8, 4, 2))
         Widths the adaptive uplink may use.
     downlink_bits : int (default: 16)
-        Precision of the adapter sent to clients (16 or 32).
+        Precision of the adapter sent to clients: 32, 16 (float16) or 8 (per-vector 8-bit
+        codes, stochastic rounding, head in float16).
     channel : ChannelConfig, optional
         Bandwidth, transmit power and upload deadline of the channel model (defaults:
         1 MHz, 0.1 W, 3 s).
@@ -160,8 +170,8 @@ class HAFLQStrategy(LoRAStrategy):
             raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
         if uplink not in UPLINKS:
             raise ValueError(f"uplink must be one of {UPLINKS}, got {uplink!r}")
-        if downlink_bits not in (16, 32):
-            raise ValueError(f"downlink_bits must be 16 or 32, got {downlink_bits}")
+        if downlink_bits not in (8, 16, 32):
+            raise ValueError(f"downlink_bits must be 8, 16 or 32, got {downlink_bits}")
         self.mode = mode
         self.aggregation = aggregation
         self.uplink = uplink
@@ -285,9 +295,20 @@ class HAFLQStrategy(LoRAStrategy):
         self, server_round: int, node_id: int, global_state: LoraState
     ) -> dict[str, ArrayRecord | ConfigRecord]:
         job = self.assignments[node_id]
-        arrays = global_state if self.mode == FREEZE else gather(global_state, job.selection)
-        if self.downlink_bits == 16:
-            arrays = OrderedDict((k, v.astype(np.float16)) for k, v in arrays.items())
+        sent = job.selection if self.mode != FREEZE else full_selection(global_state)
+        arrays = gather(global_state, sent)
+        records: dict[str, ArrayRecord] = {}
+        if self.downlink_bits == 8:
+            records[DOWN_KEY] = encode_downlink(
+                arrays,
+                sent,
+                list(self.importance.modules),
+                self._downlink_rng(server_round, node_id),
+            )
+        else:
+            if self.downlink_bits == 16:
+                arrays = OrderedDict((k, v.astype(np.float16)) for k, v in arrays.items())
+            records[ARRAYS_KEY] = to_array_record(arrays)
         config = {
             "mode": self.mode,
             "rank": job.rank,
@@ -297,10 +318,13 @@ class HAFLQStrategy(LoRAStrategy):
             "uplink-widths": ",".join(str(w) for w in self.widths),
         }
         return {
-            ARRAYS_KEY: to_array_record(arrays),
+            **records,
             SELECTION_KEY: selection_to_record(job.selection),
             CONFIG_KEY: ConfigRecord(config),
         }
+
+    def _downlink_rng(self, server_round: int, node_id: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, server_round, node_id % (2**32)])
 
     def decode_reply(
         self, node_id: int, content: RecordDict, stats: ClientRoundStats
@@ -357,16 +381,7 @@ class HAFLQStrategy(LoRAStrategy):
         return delta
 
     def _layout(self) -> Layout:
-        modules = list(self.importance.modules)
-        dims = tuple(
-            (
-                self._global[f"{m}.lora_A.weight"].shape[1],
-                self._global[f"{m}.lora_B.weight"].shape[0],
-            )
-            for m in modules
-        )
-        heads = {k: self._global[k].shape for k in other_keys(self._global)}
-        return Layout(module_dims=dims, rank=self.global_rank, head_shapes=heads)
+        return layout_of(self._global, list(self.importance.modules))
 
     def _decode_payload(
         self, record: ArrayRecord, job: Assignment, stats: ClientRoundStats
