@@ -21,9 +21,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--combos", default="none:float32,nf4:float32,int8:float32,nf4:bfloat16")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps (best of)")
     args = parser.parse_args()
     device = select_device()
-    print("| base | compute | eval batch of 32 (s) | train step, batch 8 (s, best of 3) |")
+    print(
+        f"| base | compute | eval batch of 32 (s) | train step, batch 8 (s, best of {args.steps}) |"
+    )
     print("|---|---|---|---|")
     for combo in args.combos.split(","):
         quant, dtype = combo.split(":")
@@ -39,10 +42,10 @@ def main() -> None:
         eval_s = time.perf_counter() - start
         model.train()
         steps = []
-        for i in range(3):
+        for i in range(args.steps):
             start = time.perf_counter()
             with autocast_for(device, dtype):
-                batch = tokenize(tok, texts[8 * i : 8 * i + 8], 64, device)
+                batch = tokenize(tok, texts[8 * (i % 4) : 8 * (i % 4) + 8], 64, device)
                 out = model(**batch, labels=torch.ones(8, dtype=torch.long, device=device))
             out.loss.backward()
             steps.append(time.perf_counter() - start)

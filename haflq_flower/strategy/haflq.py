@@ -193,8 +193,9 @@ class HAFLQStrategy(LoRAStrategy):
         return profile.budget(global_rank)
 
     def uplink_budget_bytes(self, node_id: int, profile: ClientProfile) -> int:
-        """C_k / 8: the node's measured rate, or the Shannon rate at its distance, times
-        the upload deadline."""
+        """C_k / 8: the node's measured rate, or the Shannon rate at its distance (1.5 km,
+        the middle of the default spread, when the profile gives none), times the upload
+        deadline."""
         rate = profile.uplink_bps or shannon_rate_bps(
             self.channel.bandwidth_hz, self.channel.power_w, profile.distance_km or 1.5
         )
