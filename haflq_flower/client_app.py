@@ -126,7 +126,6 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         result, records, extra_metrics = _train_components(
             msg,
             model,
-            received,
             mode,
             run,
             cfg,
@@ -134,6 +133,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         )
     metrics = _train_metrics(len(frame), result)
     metrics.update(extra_metrics)
+    metrics["partition-id"] = pid
     reply = RecordDict({**records, METRICS_KEY: metrics})
     return Message(content=reply, reply_to=msg)
 

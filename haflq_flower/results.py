@@ -137,13 +137,17 @@ def plot_results(results: dict, output_dir: Path) -> list[Path]:
     peaks: dict[str, float] = {}
     for r in rounds:
         for c in r["clients"]:
-            key = str(c.get("tier") or c["node"])
+            # one bar per tier where there are tiers, else per partition (or node)
+            part = c.get("partition", -1)
+            key = str(c.get("tier") or (f"client {part}" if part >= 0 else c["node"]))
             peaks[key] = max(peaks.get(key, 0.0), c.get("peak_mem_bytes", 0) / 1e9)
     if peaks:
         fig, ax = plt.subplots(figsize=(max(4, len(peaks)), 4))
         ax.bar(list(peaks), list(peaks.values()))
         ax.set_ylabel("peak training memory (GB)")
-        ax.set_xlabel("client")
+        ax.set_xlabel(
+            "tier" if any(r_c.get("tier") for r in rounds for r_c in r["clients"]) else "client"
+        )
         ax.tick_params(axis="x", rotation=45)
         fig.tight_layout()
         paths.append(output_dir / "memory.png")

@@ -29,6 +29,7 @@ def _check_results(out, num_rounds: int, num_clients: int) -> dict:
         assert r["bytes_up"] == sum(c["bytes_up"] for c in r["clients"]) > 0
         assert r["bytes_down"] == sum(c["bytes_down"] for c in r["clients"]) > 0
         assert all(c["peak_mem_bytes"] > 0 and c["train_s"] > 0 for c in r["clients"])
+        assert sorted(c["partition"] for c in r["clients"]) == list(range(num_clients))
     assert results["final"]["accuracy"] == rounds[-1]["accuracy"]
     assert results["config"]["model.name"] == "tiny"
     assert (out / "accuracy.png").stat().st_size > 0

@@ -58,6 +58,7 @@ class ClientUpdate:
 @dataclass
 class ClientRoundStats:
     node: int
+    partition: int = -1
     tier: str = ""
     rank: int = 0
     num_examples: int = 0
@@ -246,6 +247,7 @@ class LoRAStrategy(Strategy):
         client.train_loss = float(metrics.get("train-loss", float("nan")))
         client.peak_mem_bytes = int(metrics.get("peak-mem-bytes", 0))
         client.trainable_params = int(metrics.get("trainable-params", 0))
+        client.partition = int(metrics.get("partition-id", -1))
         client.optimizer_state_bytes = int(metrics.get("optimizer-state-bytes", 0))
         client.status = "ok"
         stats.bytes_up += client.bytes_up
