@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import launch
+from .config import parse_run_config
 
 # Named arms: run-config overrides on top of the common config.
 ARMS: dict[str, dict[str, Any]] = {
@@ -127,9 +128,10 @@ def summarize_run(results: dict, target: float | None) -> dict[str, Any]:
         if target is not None and to_target_round is None and r["accuracy"] >= target:
             to_target_round, to_target_bytes = r["round"], cum_up
     tiers: dict[str, dict[str, int]] = {}
+    tier_of = _tier_lookup(results, trained)
     for r in trained:
         for c in r["clients"]:
-            t = tiers.setdefault(c.get("tier") or "all", {"peak_mem_bytes": 0, "opt_bytes": 0})
+            t = tiers.setdefault(tier_of(c), {"peak_mem_bytes": 0, "opt_bytes": 0})
             t["peak_mem_bytes"] = max(t["peak_mem_bytes"], int(c.get("peak_mem_bytes") or 0))
             t["opt_bytes"] = max(t["opt_bytes"], int(c.get("optimizer_state_bytes") or 0))
     walls = [r["wall_s"] for r in rounds]
@@ -149,6 +151,29 @@ def summarize_run(results: dict, target: float | None) -> dict[str, Any]:
         "accuracy_by_round": [r["accuracy"] for r in rounds],
         "cum_bytes_up_by_round": _cumsum([r["bytes_up"] for r in rounds]),
     }
+
+
+def _tier_lookup(results: dict, trained: list[dict]):
+    """A client's tier: the one it reported, else the run config's tier of its partition
+    (FedIT asks no profile; with full participation the partition count is max id + 1)."""
+    try:
+        table = parse_run_config(
+            {k: v for k, v in results.get("config", {}).items() if k != "output.dir"}
+        ).strategy.tiers
+    except Exception:  # results written by another version: fall back to "all"
+        table = None
+    parts = [c.get("partition", -1) for r in trained for c in r["clients"]]
+    count = max(parts, default=-1) + 1
+
+    def tier_of(client: dict) -> str:
+        if client.get("tier"):
+            return client["tier"]
+        part = client.get("partition", -1)
+        if table is not None and 0 <= part < count:
+            return table.for_partition(part, count).tier
+        return "all"
+
+    return tier_of
 
 
 def _cumsum(values: Sequence[int]) -> list[int]:
@@ -176,7 +201,13 @@ def _mb(n: float | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f}"
 
 
-def summarize(out_dir: Path, arms: Sequence[str], seeds: Sequence[int], target: float | None):
+def summarize(
+    out_dir: Path,
+    arms: Sequence[str],
+    seeds: Sequence[int],
+    target: float | None,
+    common_config: Mapping[str, Any] | None = None,
+):
     """Write ``summary.json`` and ``summary.md`` (and plots) for the finished runs."""
     rows: dict[str, list[dict]] = {}
     for arm in arms:
@@ -184,7 +215,9 @@ def summarize(out_dir: Path, arms: Sequence[str], seeds: Sequence[int], target: 
             path = out_dir / f"{arm}-seed{seed}" / "results.json"
             if _complete(path):
                 rows.setdefault(arm, []).append(summarize_run(json.loads(path.read_text()), target))
-    tier_names = sorted({t for runs in rows.values() for r in runs for t in r["tiers"]})
+    seen = {t for runs in rows.values() for r in runs for t in r["tiers"]}
+    order = [p.tier for p in parse_run_config(dict(common_config or {})).strategy.tiers.profiles]
+    tier_names = [t for t in order if t in seen] + sorted(seen - set(order))
     head = [
         "arm",
         "final acc",
@@ -301,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"num-server-rounds": args.rounds, **_parse_overrides(args.run_config)}
     if not args.summary_only:
         run_grid(out_dir, arms, seeds, common, args.num_supernodes, launcher_args)
-    markdown = summarize(out_dir, arms, seeds, args.target)
+    markdown = summarize(out_dir, arms, seeds, args.target, common)
     print(markdown)
     print(f"Summary: {out_dir / 'summary.md'}; plot: {out_dir / 'accuracy.png'}")
     return 0
