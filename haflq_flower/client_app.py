@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig, parse_run_config
@@ -203,9 +202,7 @@ def encode_upload(
     arrays, chosen = encode_within_budget(
         components, importance, {k: delta[k] for k in head_keys}, budget, rng, widths
     )
-    record = ArrayRecord(
-        OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items())
-    )
+    record = to_array_record(arrays)
     metrics = {f"bits-{w}": int((chosen == w).sum()) for w in (16, 8, 4, 2, 0)}
     metrics["payload-bytes"] = record.count_bytes()
     return Upload({PAYLOAD_KEY: record}, metrics)

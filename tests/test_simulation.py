@@ -1,6 +1,7 @@
 """End to end: the in-process simulation and the real `flwr run` path, on the tiny model."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,15 +37,21 @@ def _check_results(out, num_rounds: int, num_clients: int) -> dict:
     return results
 
 
-def test_in_process_simulation(tmp_path):
-    overrides = {**TINY, "output.dir": str(tmp_path / "run")}
+def _simulate(overrides: dict, num_clients: int) -> dict:
+    """In-process simulation with ``overrides``; returns the checked results."""
     run_simulation(
         server_app=make_server_app(overrides),
         client_app=make_client_app(overrides),
-        num_supernodes=2,
+        num_supernodes=num_clients,
         backend_config={"client_resources": {"num_cpus": 1}},
     )
-    results = _check_results(tmp_path / "run", num_rounds=2, num_clients=2)
+    out = Path(overrides["output.dir"])
+    return _check_results(out, num_rounds=overrides["num-server-rounds"], num_clients=num_clients)
+
+
+def test_in_process_simulation(tmp_path):
+    overrides = {**TINY, "output.dir": str(tmp_path / "run")}
+    results = _simulate(overrides, num_clients=2)
 
     # The final adapter is a standard PEFT adapter that reproduces the global model.
     cfg = parse_run_config(overrides)
@@ -68,13 +75,7 @@ def test_in_process_simulation_with_three_tiers(tmp_path, strategy, mode, aggreg
         **({"payload.downlink-bits": 8} if mode == "truncate" else {}),
         "output.dir": str(tmp_path / "run"),
     }
-    run_simulation(
-        server_app=make_server_app(overrides),
-        client_app=make_client_app(overrides),
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1}},
-    )
-    results = _check_results(tmp_path / "run", num_rounds=2, num_clients=3)
+    results = _simulate(overrides, num_clients=3)
     for r in results["rounds"][1:]:
         by_tier = {c["tier"]: c for c in r["clients"]}
         # partition ids 0, 1, 2 fall in the tiers low, mid, high (ranks 2, 4, 8 of R = 8)

@@ -127,6 +127,3 @@ class GlobalImportance:
     def select(self, r: int, tie_order: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Every module's top-``r`` components."""
         return {m: top_components(self.scores[m], r, tie_order) for m in self.modules}
-
-    def state(self) -> dict[str, list[float]]:
-        return {m: self.scores[m].tolist() for m in self.modules}

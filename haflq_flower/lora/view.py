@@ -116,9 +116,6 @@ class ComponentView:
             )
         return out
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for fa, fb in self.factors.values() for p in (fa.trainable, fb.trainable)]
-
 
 @contextmanager
 def component_view(

@@ -407,13 +407,13 @@ def encode_downlink(
     rng: np.random.Generator,
 ):
     """An 8-bit downlink record: every sent component at 8 bits, the head in float16."""
-    from flwr.app import Array, ArrayRecord
+    from ..lora.state import to_array_record
 
     components, head_keys = components_from_delta(sub, selection, modules)
     arrays = encode(
         components, np.full(len(components.keys), 8), {k: sub[k] for k in head_keys}, rng
     )
-    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+    return to_array_record(arrays)
 
 
 def decode_downlink(

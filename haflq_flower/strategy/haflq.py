@@ -45,7 +45,13 @@ from ..lora.components import (
     module_rank,
 )
 from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance
-from ..lora.state import LoraState, from_array_record, record_dict_bytes, to_array_record
+from ..lora.state import (
+    LoraState,
+    check_state,
+    from_array_record,
+    record_dict_bytes,
+    to_array_record,
+)
 from ..lora.view import FREEZE, MODES
 from ..profiles import ClientProfile, ProfileError
 from ..quant.channel import round_budget_bits, shannon_rate_bps
@@ -366,20 +372,10 @@ class HAFLQStrategy(LoRAStrategy):
         return ComponentPayload(selection, delta, trained, scores)
 
     def _decode_arrays(self, record: ArrayRecord, selection: Selection) -> LoraState:
+        """fp32/fp16 deltas of the trained components, checked like any adapter state."""
         delta = from_array_record(record)
-        expected = gather(self._global, selection)
-        if set(delta) != set(expected):
-            raise ReplyError(
-                f"delta keys differ from the assignment ({len(delta)} vs {len(expected)})"
-            )
-        for key, ref in expected.items():
-            value = delta[key]
-            if value.shape != ref.shape or not np.issubdtype(value.dtype, np.floating):
-                raise ReplyError(f"{key}: shape {value.shape} {value.dtype}, expected {ref.shape}")
-            if not np.isfinite(value).all():
-                raise ReplyError(f"{key}: contains NaN or Inf")
-            delta[key] = value.astype(np.float32)
-        return delta
+        check_state(gather(self._global, selection), delta)
+        return OrderedDict((k, v.astype(np.float32)) for k, v in delta.items())
 
     def _layout(self) -> Layout:
         return layout_of(self._global, list(self.importance.modules))
