@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig, parse_run_config
-from .data import client_partition, load_task
+from .data import client_partition, load_task, tokenize
 from .logs import setup_logging
 from .lora.components import (
     check_selection,
@@ -25,10 +25,19 @@ from .lora.components import (
 )
 from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
 from .lora.view import FREEZE, MODES, component_view
-from .model import load_lora_model, select_device
+from .model import (
+    load_calibration_model,
+    load_lora_model,
+    release_freed_memory,
+    select_device,
+)
 from .profiles import resolve_profile
+from .quant.blocks import pattern_from_str, pattern_to_str
+from .quant.mixed import base_weight_bytes
 from .quant.payload import components_from_delta, decode_downlink, encode_within_budget
+from .quant.salience import block_salience
 from .strategy.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
+from .strategy.blocks import SALIENCE_KEY
 from .strategy.haflq import (
     DOWN_KEY,
     PAYLOAD_KEY,
@@ -42,16 +51,35 @@ from .train import TrainResult, evaluate, train_local
 
 log = logging.getLogger(__name__)
 
-# A simulated node's process (Ray actor) serves many messages: keep the model loaded.
-# Every message overwrites all trainable state, so reuse never leaks between clients.
+# A simulated node's process (Ray actor) serves many messages: keep the model loaded
+# while its block pattern is unchanged, rebuild it when the pattern changes. Every
+# message overwrites all trainable state, so reuse never leaks between clients.
 _MODEL_CACHE: dict[tuple, tuple] = {}
 
 
-def _model(cfg: RunConfig, num_labels: int, device: torch.device):
+def _model(
+    cfg: RunConfig,
+    num_labels: int,
+    device: torch.device,
+    block_bits: tuple[int, ...] | None = None,
+    any_bits: bool = False,
+):
+    """The cached (model, tokenizer) for this config and block pattern.
+
+    ``any_bits``: reuse whatever pattern is loaded (evaluation messages carry none).
+    """
     key = (cfg.model, cfg.lora, num_labels, cfg.seed, str(device))
+    if any_bits and len(_MODEL_CACHE) == 1 and next(iter(_MODEL_CACHE))[:-1] == key:
+        return next(iter(_MODEL_CACHE.values()))
+    key = (*key, block_bits)
     if key not in _MODEL_CACHE:
-        _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = load_lora_model(cfg.model, cfg.lora, num_labels, cfg.seed, device)
+        _MODEL_CACHE.clear()  # free the old model before building the new one
+        release_freed_memory()
+        if block_bits is not None:
+            log.info("building the base with block bits %s", pattern_to_str(block_bits))
+        _MODEL_CACHE[key] = load_lora_model(
+            cfg.model, cfg.lora, num_labels, cfg.seed, device, block_bits
+        )
     return _MODEL_CACHE[key]
 
 
@@ -98,7 +126,8 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         raise ValueError(f"unknown training mode {mode!r} from the server; allowed: {MODES}")
     device = select_device()
     task = load_task(cfg.data)
-    model, tokenizer = _model(cfg, task.num_labels, device)
+    block_bits = pattern_from_str(node_cfg["block-bits"]) if "block-bits" in node_cfg else None
+    model, tokenizer = _model(cfg, task.num_labels, device, block_bits)
     frame = client_partition(cfg.data, pid, num_parts)
 
     def run(after_backward=None) -> TrainResult:
@@ -133,6 +162,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     metrics = _train_metrics(len(frame), result)
     metrics.update(extra_metrics)
     metrics["partition-id"] = pid
+    metrics["weight-bytes"] = base_weight_bytes(model)
     reply = RecordDict({**records, METRICS_KEY: metrics})
     return Message(content=reply, reply_to=msg)
 
@@ -216,12 +246,42 @@ def handle_profile(msg: Message, context: Context, cfg: RunConfig) -> Message:
     )
 
 
+def handle_salience(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Block salience on a few rows of this node's data: one number per block leaves.
+
+    The unquantized base is loaded for this message only (as a causal LM: the metric is
+    the model's own next-token loss) and freed afterwards.
+    """
+    pid, num_parts = _partition(context)
+    query = msg.content[CONFIG_KEY]
+    metric, rows = str(query["metric"]), int(query["rows"])
+    frame = client_partition(cfg.data, pid, num_parts)
+    sample = frame.sample(n=min(rows, len(frame)), random_state=cfg.seed + pid)
+    device = select_device()
+    _MODEL_CACHE.clear()  # make room: calibration needs the unquantized model
+    model, tokenizer = load_calibration_model(cfg.model, device)
+    try:
+        batch = tokenize(tokenizer, sample["text"].tolist(), cfg.model.max_length, device)
+        salience = block_salience(model, batch, metric)
+    finally:
+        del model
+        release_freed_memory()
+    log.info("client %d: %s salience on %d rows: %s", pid, metric, len(sample), salience.round(4))
+    content = RecordDict(
+        {
+            SALIENCE_KEY: to_array_record({SALIENCE_KEY: salience.astype(np.float64)}),
+            METRICS_KEY: MetricRecord({NUM_EXAMPLES: len(sample)}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the received adapter on this node's own partition."""
     pid, num_parts = _partition(context)
     device = select_device()
     task = load_task(cfg.data)
-    model, tokenizer = _model(cfg, task.num_labels, device)
+    model, tokenizer = _model(cfg, task.num_labels, device, any_bits=True)
     load_trainable_state(model, from_array_record(msg.content[ARRAYS_KEY]))
     frame = client_partition(cfg.data, pid, num_parts)
     loss, accuracy = evaluate(
@@ -257,6 +317,10 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @client_app.query("profile")
     def profile(msg: Message, context: Context) -> Message:
         return handle_profile(msg, context, config(context))
+
+    @client_app.query("salience")
+    def salience(msg: Message, context: Context) -> Message:
+        return handle_salience(msg, context, config(context))
 
     return client_app
 

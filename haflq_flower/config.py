@@ -57,6 +57,11 @@ DEFAULTS: dict[str, Any] = {
     "tiers.lora-ranks": "2,4,8",
     "tiers.fractions": "",
     "tiers.distances-km": "",
+    "tiers.memory-mb": "",
+    "blocks.precision": "off",
+    "blocks.salience-metric": "quantization",
+    "blocks.calibration-rows": 16,
+    "blocks.calibration-clients": 2,
     "channel.bandwidth-hz": 1e6,
     "channel.power-w": 0.1,
     "channel.deadline-s": 3.0,
@@ -79,6 +84,8 @@ AGGREGATIONS = ("adaptive", "zero-pad")
 TIE_BREAKS = ("index", "seed")
 UPLINKS = ("auto", "adaptive", "fp16", "fp32")
 DOWNLINK_BITS = (8, 16, 32)
+BLOCK_PRECISIONS = ("off", "uniform-4", "uniform-8", "uniform-16", "salience", "random")
+SALIENCE_METRICS = ("gradient", "influence", "quantization")
 
 
 class ConfigError(ValueError):
@@ -153,6 +160,20 @@ class PayloadConfig:
 
 
 @dataclass(frozen=True)
+class BlockConfig:
+    """Block-wise precision of the base model (HAFLQ's first mechanism)."""
+
+    precision: str
+    salience_metric: str
+    calibration_rows: int
+    calibration_clients: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.precision != "off"
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     name: str
     mode: str
@@ -165,6 +186,7 @@ class StrategyConfig:
     tiers: TierTable
     channel: ChannelConfig
     payload: PayloadConfig
+    blocks: BlockConfig
 
 
 @dataclass(frozen=True)
@@ -228,6 +250,12 @@ def _strategy_names() -> tuple[str, ...]:
     from .strategy import STRATEGIES
 
     return tuple(STRATEGIES)
+
+
+def _supports_blocks(name: str) -> bool:
+    from .strategy import STRATEGIES, HAFLQStrategy
+
+    return issubclass(STRATEGIES[name], HAFLQStrategy)
 
 
 def _compute_dtype(cfg: Mapping[str, Any]) -> str:
@@ -333,14 +361,15 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         ranks = [int(r) for r in _csv(_get(cfg, "tiers.lora-ranks", str))]
         fractions = [float(f) for f in _csv(_get(cfg, "tiers.fractions", str))]
         distances = [float(d) for d in _csv(_get(cfg, "tiers.distances-km", str))]
+        memory = [float(m) for m in _csv(_get(cfg, "tiers.memory-mb", str))]
         tiers = TierTable.from_lists(
-            _csv(_get(cfg, "tiers.names", str)), ranks, fractions, distances
+            _csv(_get(cfg, "tiers.names", str)), ranks, fractions, distances, memory
         )
     except (ProfileError, ValueError) as err:
         raise ConfigError(
             f'run config tiers: {err}. Example: tiers.names="low,mid,high" '
             f'tiers.lora-ranks="2,4,8" tiers.fractions="0.4,0.3,0.3" '
-            f'tiers.distances-km="2.0,1.5,1.1"'
+            f'tiers.distances-km="2.0,1.5,1.1" tiers.memory-mb="180,220,300"'
         ) from err
     try:
         widths = tuple(sorted({int(w) for w in _csv(_get(cfg, "payload.widths", str))}))
@@ -362,14 +391,29 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         power_w=_positive(cfg, "channel.power-w", float),
         deadline_s=_positive(cfg, "channel.deadline-s", float),
     )
+    blocks = BlockConfig(
+        precision=_choice(cfg, "blocks.precision", BLOCK_PRECISIONS),
+        salience_metric=_choice(cfg, "blocks.salience-metric", SALIENCE_METRICS),
+        calibration_rows=_positive(cfg, "blocks.calibration-rows", int),
+        calibration_clients=_positive(cfg, "blocks.calibration-clients", int),
+    )
+    strategy_name = _choice(cfg, "strategy.name", _strategy_names())
+    if blocks.enabled and not _supports_blocks(strategy_name):
+        raise ConfigError(
+            f"run config 'blocks.precision={blocks.precision}' needs a strategy that assigns "
+            f"per-client block precision (haflq, hetlora or a subclass); strategy.name is "
+            f"{strategy_name!r}. Use blocks.precision=off with it, or model.quantization "
+            "for a uniform base."
+        )
     strategy = StrategyConfig(
-        name=_choice(cfg, "strategy.name", _strategy_names()),
+        name=strategy_name,
         mode=_choice(cfg, "strategy.mode", MODES),
         aggregation=_choice(cfg, "strategy.aggregation", AGGREGATIONS),
         importance=importance,
         tiers=tiers,
         channel=channel,
         payload=payload,
+        blocks=blocks,
         fraction_train=_fraction(cfg, "strategy.fraction-train"),
         min_train_nodes=_positive(cfg, "strategy.min-train-nodes", int),
         fraction_evaluate=_fraction(cfg, "strategy.fraction-evaluate"),

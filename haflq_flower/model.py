@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -200,23 +200,10 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> int:
     return count
 
 
-def load_base_model(
-    cfg: ModelConfig, num_labels: int, device: torch.device | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the base model with a sequence-classification head, and its tokenizer."""
-    device = device or select_device()
-    path = resolve_model_path(cfg)
-    quant = _quantization_config(cfg)
-    dtype = _torch_dtype(cfg.compute_dtype)
+def _load(cfg: ModelConfig, path: str, loader, **kwargs):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=num_labels,
-            dtype=dtype,
-            quantization_config=quant,
-            device_map={"": device.index or 0} if device.type == "cuda" else "cpu",
-        )
+        model = loader.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ModelLoadError(
             f"could not load model '{cfg.name}' ({path}): {err}\n"
@@ -226,9 +213,73 @@ def load_base_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    if quant is not None and device.type == "cpu":
-        disable_bnb_cpu_repack(model)
     return model, tokenizer
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc), so RSS measures what is live."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def load_base_model(
+    cfg: ModelConfig,
+    num_labels: int,
+    device: torch.device | None = None,
+    block_bits: Sequence[int] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model with a sequence-classification head, and its tokenizer.
+
+    Without ``block_bits`` the whole model is quantized as ``model.quantization`` says
+    (transformers' bitsandbytes integration). With ``block_bits`` (one level per
+    transformer block: 4, 8 or 16) the model is loaded unquantized on the CPU and each
+    block is converted to its level (``quant.mixed.apply_block_bits``); 4-bit blocks use
+    ``model.quantization``'s 4-bit type when it names one, else NF4.
+    """
+    device = device or select_device()
+    path = resolve_model_path(cfg)
+    dtype = _torch_dtype(cfg.compute_dtype)
+    if block_bits is None:
+        quant = _quantization_config(cfg)
+        model, tokenizer = _load(
+            cfg,
+            path,
+            AutoModelForSequenceClassification,
+            num_labels=num_labels,
+            dtype=dtype,
+            quantization_config=quant,
+            device_map={"": device.index or 0} if device.type == "cuda" else "cpu",
+        )
+        if quant is not None and device.type == "cpu":
+            disable_bnb_cpu_repack(model)
+        return model, tokenizer
+    from .quant.mixed import apply_block_bits
+
+    model, tokenizer = _load(
+        cfg, path, AutoModelForSequenceClassification, num_labels=num_labels, dtype=dtype
+    )
+    four_bit = cfg.quantization if cfg.quantization in ("nf4", "fp4") else "nf4"
+    apply_block_bits(model, block_bits, dtype, device, four_bit)
+    model.to(device)
+    release_freed_memory()
+    return model, tokenizer
+
+
+def load_calibration_model(
+    cfg: ModelConfig, device: torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The unquantized base as a causal LM (its own LM head), for block salience."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or select_device()
+    model, tokenizer = _load(
+        cfg, resolve_model_path(cfg), AutoModelForCausalLM, dtype=_torch_dtype(cfg.compute_dtype)
+    )
+    return model.to(device), tokenizer
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
@@ -258,9 +309,14 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
 
 
 def load_lora_model(
-    cfg: ModelConfig, lora: LoraConfig, num_labels: int, seed: int, device: torch.device
+    cfg: ModelConfig,
+    lora: LoraConfig,
+    num_labels: int,
+    seed: int,
+    device: torch.device,
+    block_bits: Sequence[int] | None = None,
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """Base model + LoRA, with the head and LoRA initialized from ``seed``."""
     torch.manual_seed(seed)
-    model, tokenizer = load_base_model(cfg, num_labels, device)
+    model, tokenizer = load_base_model(cfg, num_labels, device, block_bits)
     return add_lora(model, lora), tokenizer

@@ -47,16 +47,20 @@ class ClientProfile:
         Distance to the base station for the channel model; 0 = the run's default.
     uplink_bps : float
         A measured uplink rate in bit/s; when > 0 it replaces the channel model.
+    memory_mb : float
+        Budget for the base model's weights in MiB (block-wise precision); 0 = unlimited.
     """
 
     tier: str = DEFAULT_TIER
     lora_rank: int = 0
     distance_km: float = 0.0
     uplink_bps: float = 0.0
+    memory_mb: float = 0.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "profile") -> ClientProfile:
-        """Parse ``tier``, ``lora-rank``, ``distance-km``, ``uplink-bps`` (others ignored)."""
+        """Parse ``tier``, ``lora-rank``, ``distance-km``, ``uplink-bps``, ``memory-mb``
+        (other keys are ignored)."""
         tier = data.get("tier", DEFAULT_TIER)
         if not isinstance(tier, str) or not tier:
             raise ProfileError(f"{source}: 'tier' must be a non-empty string, got {tier!r}")
@@ -72,11 +76,17 @@ class ClientProfile:
             lora_rank=rank,
             distance_km=_non_negative(data, "distance-km", source),
             uplink_bps=_non_negative(data, "uplink-bps", source),
+            memory_mb=_non_negative(data, "memory-mb", source),
         )
 
     def to_record(self) -> dict[str, str | int]:
         """Flat fields for a Flower ConfigRecord (the keys :meth:`from_mapping` reads)."""
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @property
+    def memory_budget_bytes(self) -> float:
+        """The weight-memory budget in bytes (``inf`` when unlimited)."""
+        return self.memory_mb * 2**20 if self.memory_mb > 0 else float("inf")
 
     def budget(self, global_rank: int) -> int:
         """r_k: the rank budget clipped to [1, R]; 0 means R."""
@@ -97,6 +107,7 @@ class TierTable:
         ranks: Sequence[int],
         fractions: Sequence[float] = (),
         distances_km: Sequence[float] = (),
+        memory_mb: Sequence[float] = (),
     ) -> TierTable:
         if not names:
             raise ProfileError("tiers.names names no tier")
@@ -116,11 +127,17 @@ class TierTable:
             raise ProfileError(
                 f"tiers.distances-km has {len(distances)} value(s) for {len(names)} tier(s)"
             )
+        memory = tuple(memory_mb) or tuple(0.0 for _ in names)
+        if len(memory) != len(names):
+            raise ProfileError(
+                f"tiers.memory-mb has {len(memory)} value(s) for {len(names)} tier(s)"
+            )
         profiles = tuple(
             ClientProfile.from_mapping(
-                {"tier": n, "lora-rank": r, "distance-km": d}, source=f"tier '{n}'"
+                {"tier": n, "lora-rank": r, "distance-km": d, "memory-mb": m},
+                source=f"tier '{n}'",
             )
-            for n, r, d in zip(names, ranks, distances, strict=True)
+            for n, r, d, m in zip(names, ranks, distances, memory, strict=True)
         )
         total = sum(fractions)
         return cls(profiles=profiles, fractions=tuple(f / total for f in fractions))
@@ -147,7 +164,7 @@ def resolve_profile(node_config: Mapping[str, Any], tiers: TierTable) -> ClientP
     ``tier`` that names a run-config tier inherits that tier's fields. A simulated node
     only has ``partition-id`` and ``num-partitions`` and takes the tier of its partition.
     """
-    if "tier" in node_config or "lora-rank" in node_config:
+    if any(k in node_config for k in ("tier", "lora-rank", "memory-mb")):
         base = tiers.by_name(str(node_config.get("tier", "")))
         merged = {**(base.to_record() if base else {}), **dict(node_config)}
         return ClientProfile.from_mapping(merged, source="node config")

@@ -86,7 +86,8 @@ class RunRecorder:
         )
         return entry
 
-    def finish(self, adapter_dir: str | None) -> dict:
+    def finish(self, adapter_dir: str | None, **extra: Any) -> dict:
+        """Write the ``final`` block (last-round figures, totals, and ``extra``)."""
         rounds = self.data["rounds"]
         last = rounds[-1] if rounds else {}
         self.data["final"] = {
@@ -97,6 +98,7 @@ class RunRecorder:
             "bytes_down": sum(r["bytes_down"] for r in rounds),
             "wall_s": time.perf_counter() - self.start,
             "adapter_dir": adapter_dir,
+            **extra,
         }
         write_json_atomic(self.results_path, self.data)
         return self.data["final"]

@@ -13,7 +13,9 @@ from .config import RunConfig, parse_run_config
 from .data import load_task
 from .logs import setup_logging
 from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
-from .model import load_lora_model, select_device
+from .model import load_lora_model, resolve_model_path, select_device
+from .quant.blocks import pattern_to_str
+from .quant.mixed import block_layout, transformer_blocks
 from .results import RunRecorder, plot_results
 from .strategy import build_strategy
 from .train import evaluate
@@ -34,14 +36,29 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         len(task.test),
         task.num_labels,
     )
-    model, tokenizer = load_lora_model(cfg.model, cfg.lora, task.num_labels, cfg.seed, device)
+    strategy = build_strategy(cfg)
+    # Block-wise precision: the server evaluates on the 16-bit base (the same for every
+    # arm) and, at the end, on each tier's own pattern.
+    server_bits = None
+    if cfg.strategy.blocks.enabled:
+        server_bits = (16,) * len(transformer_blocks(_base_skeleton(cfg, task.num_labels)))
+    model, tokenizer = load_lora_model(
+        cfg.model, cfg.lora, task.num_labels, cfg.seed, device, server_bits
+    )
+    if server_bits is not None:
+        strategy.blocks.layout = block_layout(model)
+        log.info(
+            "Block layout: %d blocks; weights %.1f MiB at 4 bits, %.1f at 8, %.1f at 16",
+            len(server_bits),
+            *(
+                strategy.blocks.layout.weight_bytes((b,) * len(server_bits)) / 2**20
+                for b in (4, 8, 16)
+            ),
+        )
     recorder = RunRecorder(cfg.output_dir, cfg.to_dict(), cfg.num_rounds)
 
-    strategy = build_strategy(cfg)
-
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_trainable_state(model, from_array_record(arrays))
-        loss, accuracy = evaluate(
+    def test_accuracy(desc: str) -> tuple[float, float]:
+        return evaluate(
             model,
             tokenizer,
             task.test,
@@ -49,8 +66,12 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
             max_length=cfg.model.max_length,
             compute_dtype=cfg.model.compute_dtype,
             device=device,
-            desc=f"server eval round {server_round}",
+            desc=desc,
         )
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_trainable_state(model, from_array_record(arrays))
+        loss, accuracy = test_accuracy(f"server eval round {server_round}")
         stats = strategy.stats.get(server_round)
         recorder.record_round(server_round, accuracy, loss, stats.to_dict() if stats else None)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
@@ -64,11 +85,15 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         evaluate_fn=evaluate_global,
     )
 
-    load_trainable_state(model, from_array_record(result.arrays))
+    final_state = from_array_record(result.arrays)
+    load_trainable_state(model, final_state)
     adapter_dir = cfg.output_dir / "adapter"
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    final = recorder.finish(str(adapter_dir))
+    extra = {}
+    if server_bits is not None:
+        extra["accuracy_by_tier"] = _accuracy_by_tier(cfg, strategy, final_state, device, task)
+    final = recorder.finish(str(adapter_dir), **extra)
     if cfg.plots:
         plot_results(recorder.data, cfg.output_dir)
     log.info(
@@ -79,6 +104,52 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         cfg.output_dir,
     )
     return final
+
+
+def _base_skeleton(cfg: RunConfig, num_labels: int):
+    """The model's module tree without weights (to count its blocks)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), num_labels=num_labels)
+    with init_empty_weights():
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def _accuracy_by_tier(cfg: RunConfig, strategy, state, device, task) -> dict[str, float]:
+    """Test accuracy of the final adapter on each tier's own quantized base."""
+    patterns: dict[tuple[int, ...], list[str]] = {}
+    for job in strategy.assignments.values():
+        if job.block_bits is not None:
+            tiers = patterns.setdefault(job.block_bits, [])
+            if job.profile.tier not in tiers:
+                tiers.append(job.profile.tier)
+    out = {}
+    for bits, tiers in patterns.items():
+        model, tokenizer = load_lora_model(
+            cfg.model, cfg.lora, task.num_labels, cfg.seed, device, bits
+        )
+        load_trainable_state(model, state)
+        _, accuracy = evaluate(
+            model,
+            tokenizer,
+            task.test,
+            batch_size=cfg.train.eval_batch_size,
+            max_length=cfg.model.max_length,
+            compute_dtype=cfg.model.compute_dtype,
+            device=device,
+            desc=f"final eval on the {'/'.join(tiers)} base",
+        )
+        for tier in tiers:
+            out[tier] = accuracy
+        log.info(
+            "Final accuracy on the %s base (%s): %.4f",
+            "/".join(tiers),
+            pattern_to_str(bits),
+            accuracy,
+        )
+        del model
+    return out
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

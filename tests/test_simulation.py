@@ -144,3 +144,31 @@ def test_flwr_run_failure_gives_nonzero_exit(tmp_path, app_dir):
         ]
     )
     assert code == 1
+
+
+def test_in_process_simulation_with_salience_block_precision(tmp_path):
+    """Three memory tiers: each client's base is built with its own bit pattern."""
+    overrides = {
+        **TINY,
+        "strategy.name": "haflq",
+        "blocks.precision": "salience",
+        "blocks.salience-metric": "gradient",
+        # tiny: all-4-bit 0.104 MiB, one block at 8 bits 0.121 MiB, all-16 0.205 MiB
+        "tiers.memory-mb": "0.105,0.125,1.0",
+        "output.dir": str(tmp_path / "run"),
+    }
+    results = _simulate(overrides, num_clients=3)
+    for r in results["rounds"][1:]:
+        by_tier = {c["tier"]: c for c in r["clients"]}
+        bits = {t: tuple(int(b) for b in c["block_bits"].split(",")) for t, c in by_tier.items()}
+        assert bits["low"] == (4, 4) and bits["high"] == (16, 16)
+        assert sorted(bits["mid"]) == [4, 8]
+        weights = [by_tier[t]["weight_bytes"] for t in ("low", "mid", "high")]
+        assert weights[0] < weights[1] < weights[2]
+        for t, budget in (("low", 0.105), ("mid", 0.125), ("high", 1.0)):
+            assert weights[("low", "mid", "high").index(t)] <= budget * 2**20
+        # the salience query is control traffic of round 1 only
+        assert r["control_bytes"] > 0 if r["round"] == 1 else r["control_bytes"] == 0
+    by_tier_acc = results["final"]["accuracy_by_tier"]
+    assert set(by_tier_acc) == {"low", "mid", "high"}
+    assert all(0.0 <= a <= 1.0 for a in by_tier_acc.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import ClientUpdate, LoRAStrategy, ReplyError, RoundStats
+from .blocks import BlockPlanner
 from .fedit import FedIT
 from .haflq import HAFLQStrategy
 from .hetlora import HetLoRA
@@ -38,6 +39,13 @@ def build_strategy(cfg: RunConfig) -> LoRAStrategy:
             widths=payload.widths,
             downlink_bits=payload.downlink_bits,
             channel=cfg.strategy.channel,
+            blocks=BlockPlanner(
+                precision=cfg.strategy.blocks.precision,
+                metric=cfg.strategy.blocks.salience_metric,
+                calibration_rows=cfg.strategy.blocks.calibration_rows,
+                calibration_clients=cfg.strategy.blocks.calibration_clients,
+                seed=cfg.seed,
+            ),
         )
         if payload.uplink != "auto":  # auto: the class's own default
             kwargs["uplink"] = payload.uplink
@@ -46,6 +54,7 @@ def build_strategy(cfg: RunConfig) -> LoRAStrategy:
 
 
 __all__ = [
+    "BlockPlanner",
     "ClientUpdate",
     "FedIT",
     "HAFLQStrategy",

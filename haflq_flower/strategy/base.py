@@ -74,6 +74,9 @@ class ClientRoundStats:
     budget_bytes: int = 0
     payload_bytes: int = 0
     bits: dict[str, int] = field(default_factory=dict)
+    # Block-wise base precision: the assigned pattern and the measured weight bytes.
+    block_bits: str = ""
+    weight_bytes: int = 0
     status: str = "sent"
 
 
@@ -249,6 +252,7 @@ class LoRAStrategy(Strategy):
         client.trainable_params = int(metrics.get("trainable-params", 0))
         client.partition = int(metrics.get("partition-id", -1))
         client.optimizer_state_bytes = int(metrics.get("optimizer-state-bytes", 0))
+        client.weight_bytes = int(metrics.get("weight-bytes", 0))
         client.status = "ok"
         stats.bytes_up += client.bytes_up
         return ClientUpdate(

@@ -54,6 +54,7 @@ from ..lora.state import (
 )
 from ..lora.view import FREEZE, MODES
 from ..profiles import ClientProfile, ProfileError
+from ..quant.blocks import pattern_to_str
 from ..quant.channel import round_budget_bits, shannon_rate_bps
 from ..quant.payload import (
     WIDTHS,
@@ -72,6 +73,7 @@ from .base import (
     LoRAStrategy,
     ReplyError,
 )
+from .blocks import BlockPlanner
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class Assignment:
     rank: int
     selection: Selection
     budget_bytes: int = 0
+    block_bits: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -149,6 +152,9 @@ class HAFLQStrategy(LoRAStrategy):
     channel : ChannelConfig, optional
         Bandwidth, transmit power and upload deadline of the channel model (defaults:
         1 MHz, 0.1 W, 3 s).
+    blocks : BlockPlanner, optional
+        Block-wise base precision per node (default: off, the base is quantized as
+        ``model.quantization`` says). Its ``layout`` must be set before the run.
     **kwargs
         Passed to :class:`LoRAStrategy` (fractions, minimum nodes, seed).
     """
@@ -165,6 +171,7 @@ class HAFLQStrategy(LoRAStrategy):
         widths: tuple[int, ...] = WIDTHS,
         downlink_bits: int = 16,
         channel: ChannelConfig | None = None,
+        blocks: BlockPlanner | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -185,6 +192,7 @@ class HAFLQStrategy(LoRAStrategy):
         self.downlink_bits = downlink_bits
         self.channel = channel or ChannelConfig(bandwidth_hz=1e6, power_w=0.1, deadline_s=3.0)
         self.default_profile = default_profile or ClientProfile()
+        self.blocks = blocks or BlockPlanner(seed=self.seed)
         self.importance_smoothing = importance_smoothing
         self.tie_break = tie_break
         self.query_timeout = query_timeout
@@ -206,6 +214,12 @@ class HAFLQStrategy(LoRAStrategy):
             self.channel.bandwidth_hz, self.channel.power_w, profile.distance_km or 1.5
         )
         return round_budget_bits(rate, self.channel.deadline_s) // 8
+
+    def block_bits(self, node_id: int, profile: ClientProfile) -> tuple[int, ...] | None:
+        """The node's base precision per transformer block (``None``: block precision
+        is off). Default: :meth:`BlockPlanner.pattern_for` (salience-ordered upgrades
+        4 -> 8 -> 16 bits within the profile's ``memory-mb``)."""
+        return self.blocks.pattern_for(node_id, profile)
 
     def select_components(self, server_round: int, node_id: int, budget: int) -> Selection:
         """The node's components per module: the top ``budget`` by global importance."""
@@ -286,17 +300,23 @@ class HAFLQStrategy(LoRAStrategy):
 
     def prepare_round(self, server_round: int, grid: Grid, node_ids: list[int]) -> None:
         self.query_profiles(grid, node_ids, server_round)
+        stats = self.stats[server_round]
+        stats.control_bytes += self.blocks.plan(
+            grid, self.profiles, server_round, self.query_timeout
+        )
         self._init_importance(self._global)
         self.assignments = {}
-        stats = self.stats[server_round]
         for node_id in node_ids:
             profile = self.profiles.get(node_id, self.default_profile)
             rank = self.client_budget(node_id, profile, self.global_rank)
             selection = self.select_components(server_round, node_id, rank)
             budget = self.uplink_budget_bytes(node_id, profile) if self.uplink == "adaptive" else 0
-            self.assignments[node_id] = Assignment(profile, rank, selection, budget)
+            bits = self.block_bits(node_id, profile)
+            self.assignments[node_id] = Assignment(profile, rank, selection, budget, bits)
             client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
             client.tier, client.rank, client.budget_bytes = profile.tier, rank, budget
+            if bits is not None:
+                client.block_bits = pattern_to_str(bits)
 
     def train_records(
         self, server_round: int, node_id: int, global_state: LoraState
@@ -324,6 +344,8 @@ class HAFLQStrategy(LoRAStrategy):
             "uplink-budget-bytes": job.budget_bytes,
             "uplink-widths": ",".join(str(w) for w in self.widths),
         }
+        if job.block_bits is not None:
+            config["block-bits"] = pattern_to_str(job.block_bits)
         return {
             **records,
             SELECTION_KEY: selection_to_record(job.selection),

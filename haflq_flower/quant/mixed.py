@@ -1,0 +1,217 @@
+"""Apply a block bit pattern to a loaded model with real bitsandbytes modules, and
+measure what the model's weights take.
+
+Every ``nn.Linear`` inside transformer block ``i`` becomes ``bnb.nn.Linear4bit`` (NF4 or
+FP4, fp32 absmax per 64 weights), ``bnb.nn.Linear8bitLt`` (LLM.int8, outlier threshold
+6.0, like transformers' ``load_in_8bit``) or :class:`Linear16` (16-bit storage). The
+rest of the model stays as loaded. Call this before PEFT wraps the model: PEFT then
+dispatches its bnb-aware LoRA layers onto the quantized modules.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .blocks import BlockLayout, LinearShape
+
+log = logging.getLogger(__name__)
+
+INT8_THRESHOLD = 6.0
+_BLOCK_LIST_NAMES = ("layers", "h", "blocks", "block")
+
+
+class Linear16(nn.Linear):
+    """A linear layer stored in 16 bits and computed in the input's dtype.
+
+    On a GPU with bf16 compute this is a plain bf16 linear layer. On a CPU without bf16
+    instructions, where bf16 matmuls are emulated and ~15x slower, the weight is stored
+    in bf16 (the memory of a 16-bit model) and upcast per call, like bitsandbytes does
+    when it dequantizes.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (the longest ``layers``/``h``/``blocks``)."""
+    best: nn.ModuleList | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES:
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None or len(best) == 0:
+        raise ValueError(
+            f"{type(model).__name__}: found no transformer block list (a ModuleList named "
+            f"one of {_BLOCK_LIST_NAMES}); block-wise quantization cannot be applied"
+        )
+    return best
+
+
+def block_linears(block: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """The base linear layers of a block (LoRA's own layers excluded)."""
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear) and "lora_" not in name:
+            yield name, module
+
+
+def _replace(parent: nn.Module, dotted: str, new: nn.Module) -> None:
+    *path, leaf = dotted.split(".")
+    for part in path:
+        parent = getattr(parent, part)
+    setattr(parent, leaf, new)
+
+
+def _quantized_linear(
+    old: nn.Linear,
+    bits: int,
+    compute_dtype: torch.dtype,
+    four_bit_type: str,
+    device: torch.device,
+) -> nn.Module:
+    import bitsandbytes as bnb
+
+    has_bias = old.bias is not None
+    weight = old.weight.data
+    if bits == 16:
+        store = torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
+        new = Linear16(old.in_features, old.out_features, bias=has_bias, device="meta")
+        new.weight = nn.Parameter(weight.to(store), requires_grad=False)
+        if has_bias:
+            new.bias = nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
+        return new.to(device)
+    if bits == 4:
+        new = bnb.nn.Linear4bit(
+            old.in_features,
+            old.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=False,
+            quant_type=four_bit_type,
+            device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            weight.float(), requires_grad=False, compress_statistics=False, quant_type=four_bit_type
+        )
+        if device.type == "cpu":
+            new.support_avx512bf16_for_cpu = False  # the CPU repack bug, see model.py
+    elif bits == 8:
+        new = bnb.nn.Linear8bitLt(
+            old.in_features,
+            old.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=INT8_THRESHOLD,
+            device="meta",
+        )
+        new.weight = bnb.nn.Int8Params(weight.float(), requires_grad=False, has_fp16_weights=False)
+    else:
+        raise ValueError(f"block bits must be 4, 8 or 16, got {bits}")
+    if has_bias:
+        new.bias = nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
+    return new.to(device)  # bitsandbytes quantizes when the parameter is moved
+
+
+def apply_block_bits(
+    model: nn.Module,
+    pattern: Sequence[int],
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    four_bit_type: str = "nf4",
+) -> None:
+    """Replace every base linear layer of block ``i`` by a ``pattern[i]``-bit module.
+
+    ``model`` must be unquantized (loaded in a float dtype); layers are converted one at
+    a time so that peak memory stays near the unquantized model.
+    """
+    blocks = transformer_blocks(model)
+    if len(pattern) != len(blocks):
+        raise ValueError(f"block-bits has {len(pattern)} levels for {len(blocks)} blocks")
+    for block, bits in zip(blocks, pattern, strict=True):
+        for name, old in list(block_linears(block)):
+            if type(old) is not nn.Linear:
+                raise ValueError(
+                    f"block-wise quantization needs an unquantized model; found "
+                    f"{type(old).__name__} at {name}"
+                )
+            _replace(
+                block, name, _quantized_linear(old, bits, compute_dtype, four_bit_type, device)
+            )
+
+
+def block_bits_of(model: nn.Module) -> tuple[int, ...]:
+    """The storage level of each block, read back from its modules (4, 8 or 16)."""
+    import bitsandbytes as bnb
+
+    levels = []
+    for block in transformer_blocks(model):
+        kinds = set()
+        for _, linear in block_linears(block):
+            if isinstance(linear, bnb.nn.Linear4bit):
+                kinds.add(4)
+            elif isinstance(linear, bnb.nn.Linear8bitLt):
+                kinds.add(8)
+            else:
+                kinds.add(8 * linear.weight.element_size())
+        if len(kinds) != 1:
+            raise ValueError(f"a block mixes storage levels {sorted(kinds)}")
+        levels.append(kinds.pop())
+    return tuple(levels)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a parameter really holds, with bitsandbytes' quantization statistics."""
+    total = tensor.numel() * tensor.element_size()
+    state = getattr(tensor, "quant_state", None)  # Params4bit: absmax per 64 weights
+    if state is not None:
+        total += state.absmax.numel() * state.absmax.element_size()
+        if state.nested and state.state2 is not None:
+            total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    scb = getattr(tensor, "SCB", None)  # Int8Params: one scale per output row
+    if scb is not None:
+        total += scb.numel() * scb.element_size()
+    return total
+
+
+def _is_base(name: str) -> bool:
+    """Frozen base weights: not LoRA, not the trained head."""
+    from ..model import HEAD_MODULES
+
+    parts = name.split(".")
+    return not any(p.startswith("lora_") for p in parts) and not any(
+        h in parts for h in HEAD_MODULES
+    )
+
+
+def base_weight_bytes(model: nn.Module) -> int:
+    """Exact bytes of the frozen base weights (LoRA and the head excluded)."""
+    total = sum(tensor_bytes(p) for n, p in model.named_parameters() if _is_base(n))
+    return total + sum(tensor_bytes(b) for n, b in model.named_buffers() if _is_base(n))
+
+
+def _linear_bytes(linear: nn.Linear) -> int:
+    bias = 0 if linear.bias is None else tensor_bytes(linear.bias)
+    return tensor_bytes(linear.weight) + bias
+
+
+def block_layout(model: nn.Module) -> BlockLayout:
+    """Shapes of the blocks' linear layers, and the measured bytes of everything else."""
+    blocks = []
+    block_linear_bytes = 0
+    for block in transformer_blocks(model):
+        shapes = []
+        for _, linear in block_linears(block):
+            shapes.append(
+                LinearShape(linear.out_features, linear.in_features, linear.bias is not None)
+            )
+            block_linear_bytes += _linear_bytes(linear)
+        blocks.append(tuple(shapes))
+    return BlockLayout(
+        blocks=tuple(blocks), fixed_bytes=base_weight_bytes(model) - block_linear_bytes
+    )
