@@ -56,6 +56,16 @@ ARMS: dict[str, dict[str, Any]] = {
         "payload.downlink-bits": 16,
     },
 }
+# Block-wise base precision (HAFLQ's first mechanism), all on the HAFL strategy: uniform
+# bases, and mixed bases within each tier's tiers.memory-mb (random order vs salience).
+for _name, _precision in (
+    ("blocks-16", "uniform-16"),
+    ("blocks-8", "uniform-8"),
+    ("blocks-4", "uniform-4"),
+    ("blocks-random", "random"),
+    ("blocks-salience", "salience"),
+):
+    ARMS[_name] = {**ARMS["haflq"], "blocks.precision": _precision}
 
 
 def config_string(config: Mapping[str, Any]) -> str:
@@ -131,9 +141,17 @@ def summarize_run(results: dict, target: float | None) -> dict[str, Any]:
     tier_of = _tier_lookup(results, trained)
     for r in trained:
         for c in r["clients"]:
-            t = tiers.setdefault(tier_of(c), {"peak_mem_bytes": 0, "opt_bytes": 0})
+            t = tiers.setdefault(
+                tier_of(c), {"peak_mem_bytes": 0, "opt_bytes": 0, "weight_bytes": 0, "train_s": []}
+            )
             t["peak_mem_bytes"] = max(t["peak_mem_bytes"], int(c.get("peak_mem_bytes") or 0))
             t["opt_bytes"] = max(t["opt_bytes"], int(c.get("optimizer_state_bytes") or 0))
+            t["weight_bytes"] = max(t["weight_bytes"], int(c.get("weight_bytes") or 0))
+            t["train_s"].append(float(c.get("train_s") or 0.0))
+    steps = int(results.get("config", {}).get("train.local-steps") or 0)
+    for t in tiers.values():
+        times = t.pop("train_s")
+        t["step_s"] = statistics.fmean(times) / steps if times and steps else None
     walls = [r["wall_s"] for r in rounds]
     round_s = [b - a for a, b in zip(walls, walls[1:], strict=False)]
     strategy_s = sum(r.get("strategy_s", 0.0) for r in trained)
@@ -147,6 +165,7 @@ def summarize_run(results: dict, target: float | None) -> dict[str, Any]:
         "bytes_down": sum(r["bytes_down"] for r in rounds),
         "tiers": tiers,
         "wall_s": final.get("wall_s"),
+        "accuracy_by_tier": final.get("accuracy_by_tier") or {},
         "strategy_share": strategy_s / sum(round_s) if sum(round_s) > 0 else None,
         "accuracy_by_round": [r["accuracy"] for r in rounds],
         "cum_bytes_up_by_round": _cumsum([r["bytes_up"] for r in rounds]),
@@ -218,6 +237,15 @@ def summarize(
     seen = {t for runs in rows.values() for r in runs for t in r["tiers"]}
     order = [p.tier for p in parse_run_config(dict(common_config or {})).strategy.tiers.profiles]
     tier_names = [t for t in order if t in seen] + sorted(seen - set(order))
+    runs_all = [r for runs in rows.values() for r in runs]
+    with_blocks = any(t.get("weight_bytes") for r in runs_all for t in r["tiers"].values())
+    block_head = (
+        [f"weights {t} (MiB)" for t in tier_names]
+        + [f"acc. on {t} base" for t in tier_names]
+        + [f"s/step {t}" for t in tier_names]
+        if with_blocks
+        else []
+    )
     head = [
         "arm",
         "final acc",
@@ -228,6 +256,7 @@ def summarize(
         "MB down",
         *[f"peak RSS {t} (MB)" for t in tier_names],
         *[f"optim. state {t} (KB)" for t in tier_names],
+        *block_head,
         "wall (s)",
         "strategy share",
     ]
@@ -247,6 +276,24 @@ def summarize(
             t: max(r["tiers"].get(t, {}).get("peak_mem_bytes", 0) for r in runs) for t in tier_names
         }
         opt = {t: max(r["tiers"].get(t, {}).get("opt_bytes", 0) for r in runs) for t in tier_names}
+        block_cells = []
+        if with_blocks:
+            weights = {
+                t: max(r["tiers"].get(t, {}).get("weight_bytes", 0) for r in runs)
+                for t in tier_names
+            }
+            tier_acc = {
+                t: _mean_spread([r["accuracy_by_tier"].get(t) for r in runs]) for t in tier_names
+            }
+            step = {
+                t: _mean_spread([r["tiers"].get(t, {}).get("step_s") for r in runs])[0]
+                for t in tier_names
+            }
+            block_cells = [
+                *[f"{weights[t] / 2**20:.1f}" for t in tier_names],
+                *[_fmt_acc(*tier_acc[t], n) for t in tier_names],
+                *["-" if step[t] is None else f"{step[t]:.2f}" for t in tier_names],
+            ]
         table[arm] = {"runs": runs, "final": final, "best": best, "seeds": n}
         cells = [
             arm,
@@ -258,6 +305,7 @@ def summarize(
             _mb(down),
             *[f"{mem[t] / 1e6:.0f}" for t in tier_names],
             *[f"{opt[t] / 1e3:.0f}" for t in tier_names],
+            *block_cells,
             "-" if wall is None else f"{wall:.0f}",
             "-" if share is None else f"{100 * share:.2f}%",
         ]

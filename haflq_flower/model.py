@@ -257,13 +257,14 @@ def load_base_model(
         if quant is not None and device.type == "cpu":
             disable_bnb_cpu_repack(model)
         return model, tokenizer
-    from .quant.mixed import apply_block_bits
+    from .quant.mixed import apply_block_bits, store_embeddings_16bit
 
     model, tokenizer = _load(
         cfg, path, AutoModelForSequenceClassification, num_labels=num_labels, dtype=dtype
     )
     four_bit = cfg.quantization if cfg.quantization in ("nf4", "fp4") else "nf4"
     apply_block_bits(model, block_bits, dtype, device, four_bit)
+    store_embeddings_16bit(model, dtype)  # embeddings, like the head and norms, stay 16-bit
     model.to(device)
     release_freed_memory()
     return model, tokenizer

@@ -39,6 +39,35 @@ class Linear16(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
+class Embedding16(nn.Embedding):
+    """An embedding table stored in 16 bits whose output is in the compute dtype.
+
+    A lookup only copies rows, so 16-bit storage costs no bf16 arithmetic on a CPU.
+    """
+
+    compute_dtype: torch.dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.compute_dtype)
+
+
+def store_embeddings_16bit(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """Keep the input embeddings in 16 bits (they dominate the non-block weights).
+
+    A no-op when the compute dtype is already 16-bit; skipped for tied embeddings (the
+    output head would change with them).
+    """
+    embeddings = model.get_input_embeddings()
+    if compute_dtype != torch.float32 or type(embeddings) is not nn.Embedding:
+        return
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and output.weight is embeddings.weight:
+        return
+    embeddings.__class__ = Embedding16
+    embeddings.compute_dtype = compute_dtype
+    embeddings.weight.data = embeddings.weight.data.to(torch.bfloat16)
+
+
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's list of transformer blocks (the longest ``layers``/``h``/``blocks``)."""
     best: nn.ModuleList | None = None

@@ -7,11 +7,16 @@ Three metrics, each one number per block (higher = keep at higher precision):
 - ``influence``: block influence ``1 - mean cos(h_in, h_out)`` over real tokens (a block
   that barely changes its input matters little);
 - ``quantization``: the loss increase when only this block's linear weights are
-  quantized to 4 bits (NF4 round trip through bitsandbytes) and all others stay exact.
+  quantized to 4 bits (NF4 round trip through bitsandbytes) and all others stay exact,
+  measured against the exact model's own next-token distribution (the mean KL
+  divergence over real tokens). Against the text's labels the difference is noisy in
+  sign on a small batch (measured on SmolLM2-135M, 16 rows: 10 of 30 blocks showed a
+  loss *decrease* under quantization); the KL form is never negative and is the
+  expected loss increase when the exact model is right.
 
-The loss is the base model's own next-token loss on the calibration text: it needs no
-labels and no trained head, so salience is meaningful before the first round. The model
-must be unquantized (the metrics look at exact weights).
+The gradient metric uses the base model's own next-token loss on the calibration text:
+it needs no labels and no trained head, so salience is meaningful before the first
+round. The model must be unquantized (the metrics look at exact weights).
 """
 
 from __future__ import annotations
@@ -38,22 +43,23 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def gradient_salience(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
     blocks = transformer_blocks(model)
     weights = [[lin.weight for _, lin in block_linears(b)] for b in blocks]
-    saved = {id(w): w.requires_grad for ws in weights for w in ws}
+    flat = [w for ws in weights for w in ws]
+    saved = [w.requires_grad for w in flat]
     try:
+        for w in flat:
+            w.requires_grad_(True)
+        # autograd.grad, not backward: no .grad is left on any parameter
+        grads = iter(torch.autograd.grad(lm_loss(model, batch), flat, allow_unused=True))
+        scores = []
         for ws in weights:
+            total = 0.0
             for w in ws:
-                w.requires_grad_(True)
-                w.grad = None
-        lm_loss(model, batch).backward()
-        scores = [
-            sum(float((w.detach() * w.grad).abs().sum()) for w in ws if w.grad is not None)
-            for ws in weights
-        ]
+                g = next(grads)
+                total += 0.0 if g is None else float((w.detach() * g).abs().sum())
+            scores.append(total)
     finally:
-        for ws in weights:
-            for w in ws:
-                w.grad = None
-                w.requires_grad_(saved[id(w)])
+        for w, flag in zip(flat, saved, strict=True):
+            w.requires_grad_(flag)
     return np.asarray(scores, dtype=np.float64)
 
 
@@ -91,10 +97,16 @@ def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(codes, state).to(weight.dtype)
 
 
+def _next_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.log_softmax(logits.float(), dim=-1)[batch["attention_mask"].bool()]
+
+
 def quantization_salience(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
     blocks = transformer_blocks(model)
     with torch.no_grad():
-        base = float(lm_loss(model, batch))
+        exact_lp = _next_token_log_probs(model, batch)
+        exact_p = exact_lp.exp()
         scores = []
         for block in blocks:
             linears = [lin for _, lin in block_linears(block)]
@@ -102,7 +114,9 @@ def quantization_salience(model: nn.Module, batch: dict[str, torch.Tensor]) -> n
             for lin in linears:
                 lin.weight.data = nf4_round_trip(lin.weight.data)
             try:
-                scores.append(float(lm_loss(model, batch)) - base)
+                quant_lp = _next_token_log_probs(model, batch)
+                kl = (exact_p * (exact_lp - quant_lp)).sum(-1).mean()
+                scores.append(max(float(kl), 0.0))
             finally:
                 for lin, w in zip(linears, exact, strict=True):
                     lin.weight.data = w

@@ -1,0 +1,251 @@
+"""Block-wise base precision: allocation (pure), real bnb modules, salience metrics."""
+
+import itertools
+
+import bitsandbytes as bnb
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from haflq_flower.data import tokenize
+from haflq_flower.model import load_lora_model
+from haflq_flower.profiles import ClientProfile, TierTable
+from haflq_flower.quant.blocks import (
+    BlockLayout,
+    BudgetError,
+    LinearShape,
+    allocate_block_bits,
+    combine_salience,
+    linear_bytes,
+    pattern_from_str,
+    random_salience,
+    upgrade_order,
+)
+from haflq_flower.quant.mixed import (
+    Linear16,
+    apply_block_bits,
+    base_weight_bytes,
+    block_bits_of,
+    block_layout,
+    block_linears,
+    store_embeddings_16bit,
+    transformer_blocks,
+)
+from haflq_flower.quant.salience import block_salience
+from haflq_flower.train import autocast_for
+
+CPU = torch.device("cpu")
+
+
+def _layout(num_blocks: int = 4, fixed: int = 1000) -> BlockLayout:
+    block = (LinearShape(64, 32), LinearShape(32, 64, bias=True))
+    return BlockLayout(blocks=(block,) * num_blocks, fixed_bytes=fixed)
+
+
+# ------------------------------------------------------------ pure allocation
+def test_linear_bytes_formulas():
+    shape = LinearShape(out_features=10, in_features=64, bias=True)
+    n = 640
+    assert linear_bytes(shape, 4) == n // 2 + (n // 64) * 4 + 40
+    assert linear_bytes(shape, 8) == n + 10 * 4 + 40
+    assert linear_bytes(shape, 16) == 2 * n + 40
+    with pytest.raises(ValueError):
+        linear_bytes(shape, 3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_allocation_fits_is_greedy_and_follows_salience(seed):
+    layout = _layout(num_blocks=6)
+    rng = np.random.default_rng(seed)
+    salience = rng.random(6)
+    low, high = layout.weight_bytes((4,) * 6), layout.weight_bytes((16,) * 6)
+    for budget in np.linspace(low, high + 100, 40):
+        pattern = allocate_block_bits(salience, layout, budget)
+        used = layout.weight_bytes(pattern)
+        assert used <= budget
+        # greedy: the next upgrade on the ladder would not fit
+        order = upgrade_order(salience)
+        ladder = [(i, 4, 8) for i in order] + [(i, 8, 16) for i in order]
+        nxt = next(((i, a, b) for i, a, b in ladder if pattern[i] == a), None)
+        if nxt is not None:
+            i, a, b = nxt
+            assert used + layout.block_bytes(i, b) - layout.block_bytes(i, a) > budget
+        # salience order: a more salient block never has fewer bits
+        for i, j in itertools.permutations(range(6), 2):
+            if salience[i] > salience[j]:
+                assert pattern[i] >= pattern[j]
+
+
+def test_allocation_is_monotone_in_budget():
+    layout = _layout(num_blocks=5)
+    salience = [0.3, 0.9, 0.1, 0.5, 0.5]
+    budgets = np.linspace(layout.weight_bytes((4,) * 5), layout.weight_bytes((16,) * 5), 60)
+    patterns = [allocate_block_bits(salience, layout, b) for b in budgets]
+    for smaller, larger in itertools.pairwise(patterns):
+        assert all(a <= b for a, b in zip(smaller, larger, strict=True))
+    assert patterns[0] == (4,) * 5 and patterns[-1] == (16,) * 5
+
+
+def test_allocation_known_answer_and_infeasible_budget():
+    layout = _layout(num_blocks=3)
+    all4 = layout.weight_bytes((4, 4, 4))
+    up8 = layout.block_bytes(0, 8) - layout.block_bytes(0, 4)
+    # room for exactly two 4->8 upgrades: the two most salient blocks get them
+    assert allocate_block_bits([0.1, 0.7, 0.5], layout, all4 + 2 * up8) == (4, 8, 8)
+    # ties go to the shallower block
+    assert allocate_block_bits([0.5, 0.5, 0.5], layout, all4 + up8) == (8, 4, 4)
+    assert allocate_block_bits([0.1, 0.7, 0.5], layout, float("inf")) == (16, 16, 16)
+    with pytest.raises(BudgetError, match="below the all-4-bit model"):
+        allocate_block_bits([0.1, 0.7, 0.5], layout, all4 - 1)
+    with pytest.raises(ValueError):
+        allocate_block_bits([0.1, 0.7], layout, all4)
+    with pytest.raises(ValueError):
+        allocate_block_bits([0.1, float("nan"), 0.5], layout, all4)
+
+
+def test_random_salience_combine_and_pattern_parsing():
+    assert sorted(random_salience(7, seed=3)) == list(range(7))
+    assert random_salience(7, 3).tolist() == random_salience(7, 3).tolist()
+    # each client's vector is scaled to sum 1 before the weighted mean
+    combined = combine_salience([np.array([1.0, 3.0]), np.array([30.0, 10.0])], [1, 1])
+    np.testing.assert_allclose(combined, [0.5, 0.5])
+    assert pattern_from_str("4,8,16", 3) == (4, 8, 16)
+    for bad in ("4,5", "x", "4,8"):
+        with pytest.raises(ValueError):
+            pattern_from_str(bad, 3)
+
+
+def test_memory_budget_in_profiles_and_tiers():
+    tiers = TierTable.from_lists(["a", "b"], [2, 4], memory_mb=[1.5, 0])
+    assert tiers.profiles[0].memory_budget_bytes == 1.5 * 2**20
+    assert tiers.profiles[1].memory_budget_bytes == float("inf")
+    assert ClientProfile.from_mapping({"memory-mb": "2"}).memory_mb == 2.0
+    assert ClientProfile.from_mapping(tiers.profiles[0].to_record()) == tiers.profiles[0]
+
+
+# --------------------------------------------------------- real bnb modules
+@pytest.mark.parametrize("pattern", [(4, 4), (8, 8), (16, 16), (4, 16), (8, 4)])
+def test_pattern_builds_real_modules_with_exact_bytes_and_lora_grads(tiny_config, pattern):
+    cfg = tiny_config(model__compute_dtype="float32")
+    model, tokenizer = load_lora_model(
+        cfg.model, cfg.lora, 2, seed=0, device=CPU, block_bits=pattern
+    )
+    kinds = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt, 16: Linear16}
+    for block, bits in zip(transformer_blocks(model), pattern, strict=True):
+        base_layers = [m.base_layer for n, m in block.named_modules() if hasattr(m, "base_layer")]
+        assert base_layers and all(type(b) is kinds[bits] for b in base_layers)
+    assert block_bits_of(model) == pattern
+    # measured bytes are what the allocation's formulas predict
+    layout = block_layout(model)
+    assert base_weight_bytes(model) == layout.weight_bytes(pattern)
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    batch = tokenize(tokenizer, ["a fine film", "a dull film"], 32)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model.train()
+        model(**batch, labels=torch.tensor([1, 0])).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+    step()
+    model.eval()  # an evaluation pass must not break later training (bnb CPU repack bug)
+    with torch.no_grad(), autocast_for(CPU, "float32"):
+        model(**batch)
+    grads = step()
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_all_4bit_pattern_matches_transformers_nf4(tiny_config):
+    from haflq_flower.model import load_base_model
+
+    torch.manual_seed(0)
+    ref, tokenizer = load_base_model(
+        tiny_config(model__quantization="nf4", model__compute_dtype="float32").model, 2, CPU
+    )
+    store_embeddings_16bit(ref, torch.float32)  # the block path keeps embeddings in 16 bits
+    torch.manual_seed(0)
+    mine, _ = load_base_model(tiny_config(model__compute_dtype="float32").model, 2, CPU, (4, 4))
+    batch = tokenize(tokenizer, ["the same numbers"], 16)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(**batch).logits, ref(**batch).logits, rtol=0, atol=0)
+    assert base_weight_bytes(mine) == base_weight_bytes(ref)
+
+
+def test_apply_refuses_a_quantized_model(tiny_config):
+    from haflq_flower.model import load_base_model
+
+    model, _ = load_base_model(tiny_config(model__quantization="nf4").model, 2, CPU)
+    with pytest.raises(ValueError, match="unquantized"):
+        apply_block_bits(model, (8, 8), torch.float32, CPU)
+    with pytest.raises(ValueError, match="levels for"):
+        apply_block_bits(model, (8,), torch.float32, CPU)
+
+
+# ------------------------------------------------------------------ salience
+def _lm(num_layers: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (4, 24), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, 20:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _scale_outputs(block) -> None:
+    """A block that writes 40x more into the residual stream."""
+    block.self_attn.o_proj.weight.mul_(40.0)
+    block.mlp.down_proj.weight.mul_(40.0)
+
+
+def _add_outliers(block) -> None:
+    """One large outlier per 64-weight NF4 group: 4-bit rounds the others to zero."""
+    for _, linear in block_linears(block):
+        w = linear.weight.view(-1, 64)
+        w[:, 0] = 20 * w.abs().max()
+
+
+@pytest.mark.parametrize(
+    "metric, damage",
+    [("gradient", _scale_outputs), ("influence", _scale_outputs), ("quantization", _add_outliers)],
+)
+def test_a_damaged_block_ranks_highest(metric, damage):
+    """Damaging block 2 the way each metric is meant to notice makes it rank first."""
+    model = _lm()
+    batch = _batch()
+    before = block_salience(model, batch, metric)
+    assert before.shape == (4,) and np.all(np.isfinite(before))
+    with torch.no_grad():
+        damage(transformer_blocks(model)[2])
+    after = block_salience(model, batch, metric)
+    assert int(np.argmax(after)) == 2
+    assert after[2] > before[2]
+
+
+def test_salience_leaves_the_model_unchanged():
+    model = _lm()
+    batch = _batch()
+    exact = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for metric in ("gradient", "influence", "quantization"):
+        block_salience(model, batch, metric)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, exact[n]) and p.grad is None
+    with pytest.raises(ValueError, match="unknown salience metric"):
+        block_salience(model, batch, "magic")
