@@ -270,6 +270,19 @@ def load_base_model(
     return model, tokenizer
 
 
+def count_blocks(cfg: ModelConfig, num_labels: int = 2) -> int:
+    """How many transformer blocks the model has (from its config; no weights loaded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from .quant.mixed import transformer_blocks
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg), num_labels=num_labels)
+    with init_empty_weights():
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    return len(transformer_blocks(skeleton))
+
+
 def load_calibration_model(
     cfg: ModelConfig, device: torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

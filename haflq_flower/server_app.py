@@ -13,9 +13,9 @@ from .config import RunConfig, parse_run_config
 from .data import load_task
 from .logs import setup_logging
 from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
-from .model import load_lora_model, resolve_model_path, select_device
+from .model import count_blocks, load_lora_model, select_device
 from .quant.blocks import pattern_to_str
-from .quant.mixed import block_layout, transformer_blocks
+from .quant.mixed import block_layout
 from .results import RunRecorder, plot_results
 from .strategy import build_strategy
 from .train import evaluate
@@ -41,7 +41,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     # arm) and, at the end, on each tier's own pattern.
     server_bits = None
     if cfg.strategy.blocks.enabled:
-        server_bits = (16,) * len(transformer_blocks(_base_skeleton(cfg, task.num_labels)))
+        server_bits = (16,) * count_blocks(cfg.model, task.num_labels)
     model, tokenizer = load_lora_model(
         cfg.model, cfg.lora, task.num_labels, cfg.seed, device, server_bits
     )
@@ -104,16 +104,6 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         cfg.output_dir,
     )
     return final
-
-
-def _base_skeleton(cfg: RunConfig, num_labels: int):
-    """The model's module tree without weights (to count its blocks)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), num_labels=num_labels)
-    with init_empty_weights():
-        return AutoModelForSequenceClassification.from_config(config)
 
 
 def _accuracy_by_tier(cfg: RunConfig, strategy, state, device, task) -> dict[str, float]:

@@ -6,6 +6,7 @@ import bitsandbytes as bnb
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from haflq_flower.data import tokenize
@@ -249,3 +250,84 @@ def test_salience_leaves_the_model_unchanged():
         assert torch.equal(p, exact[n]) and p.grad is None
     with pytest.raises(ValueError, match="unknown salience metric"):
         block_salience(model, batch, "magic")
+
+
+# ------------------------------------------------------ server-side planning
+class SalienceGrid:
+    """Answers salience queries with a per-node vector (or garbage)."""
+
+    def __init__(self, answers: dict):
+        self.answers = answers
+        self.asked: list[int] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import MetricRecord, RecordDict
+
+        from haflq_flower.lora.state import to_array_record
+        from haflq_flower.strategy.blocks import SALIENCE_KEY, SALIENCE_QUERY
+
+        replies = []
+        for msg in messages:
+            assert msg.metadata.message_type == SALIENCE_QUERY
+            assert msg.content["config"]["rows"] == 8
+            node = msg.metadata.dst_node_id
+            self.asked.append(node)
+            vector = np.asarray(self.answers[node], dtype=np.float64)
+            content = RecordDict(
+                {
+                    SALIENCE_KEY: to_array_record({SALIENCE_KEY: vector}),
+                    "metrics": MetricRecord({"num-examples": 8}),
+                }
+            )
+            replies.append(Message(content=content, reply_to=msg))
+        return replies
+
+
+def _planner(precision: str = "salience"):
+    from haflq_flower.strategy.blocks import BlockPlanner
+
+    planner = BlockPlanner(precision, metric="gradient", calibration_rows=8, calibration_clients=2)
+    planner.layout = _layout(num_blocks=3)
+    return planner
+
+
+def test_planner_asks_the_largest_memory_nodes_and_drops_bad_answers():
+    planner = _planner()
+    profiles = {
+        1: ClientProfile("low", memory_mb=0.001),
+        2: ClientProfile("high", memory_mb=0),  # unlimited: the largest
+        3: ClientProfile("mid", memory_mb=0.01),
+    }
+    grid = SalienceGrid({2: [1.0, 3.0, 0.0], 3: [1.0, float("nan"), 1.0]})
+    spent = planner.plan(grid, profiles, server_round=1, timeout=1)
+    assert sorted(grid.asked) == [2, 3] and spent > 0
+    np.testing.assert_allclose(planner.salience, [0.25, 0.75, 0.0])  # node 3 was rejected
+    assert planner.plan(grid, profiles, 2, 1) == 0 and len(grid.asked) == 2  # once per run
+
+    all4 = planner.layout.weight_bytes((4, 4, 4))
+    up8 = planner.layout.block_bytes(0, 8) - planner.layout.block_bytes(0, 4)
+    tight = ClientProfile(memory_mb=(all4 + up8) / 2**20)
+    assert planner.pattern_for(1, tight) == (4, 8, 4)  # block 1 is the most salient
+    too_small = ClientProfile(memory_mb=(all4 - 1) / 2**20)
+    assert planner.pattern_for(1, too_small) == (4, 4, 4)  # warned, run goes on
+    assert planner.pattern_for(1, ClientProfile()) == (16, 16, 16)
+
+
+def test_planner_without_any_usable_salience_says_what_to_do():
+    from haflq_flower.strategy.blocks import SalienceError
+
+    planner = _planner()
+    grid = SalienceGrid({1: [1.0, 2.0]})  # wrong length
+    with pytest.raises(SalienceError, match="blocks.precision=random"):
+        planner.plan(grid, {1: ClientProfile()}, 1, 1)
+
+
+def test_uniform_and_random_planners_need_no_query():
+    uniform = _planner("uniform-8")
+    assert uniform.plan(None, {}, 1, 1) == 0
+    assert uniform.pattern_for(1, ClientProfile(memory_mb=1e-9)) == (8, 8, 8)
+    rand = _planner("random")
+    assert rand.plan(None, {}, 1, 1) == 0
+    assert sorted(rand.salience) == [0.0, 1.0, 2.0]
+    off = _planner("off")
+    assert off.pattern_for(1, ClientProfile()) is None

@@ -41,6 +41,11 @@ def test_empty_config_takes_defaults():
         ("output.dir", "relative/path", "absolute"),
         ("lora.target-modules", " , ", "names no module"),
         ("no.such-key", 1, "unknown run config key"),
+        ("blocks.precision", "uniform-3", "allowed: off, uniform-4"),
+        ("blocks.salience-metric", "magic", "allowed: gradient, influence, quantization"),
+        ("blocks.calibration-rows", 0, "blocks.calibration-rows"),
+        ("tiers.memory-mb", "100,200", "tiers.memory-mb has 2 value(s) for 3 tier(s)"),
+        ("tiers.memory-mb", "100,-1,300", "'memory-mb' must be a finite number >= 0"),
     ],
 )
 def test_bad_values_name_the_key(key, value, fragment):
@@ -51,3 +56,14 @@ def test_bad_values_name_the_key(key, value, fragment):
 
 def test_int_given_for_float_is_accepted():
     assert parse_run_config({"train.learning-rate": 1}).train.learning_rate == 1.0
+
+
+def test_block_precision_needs_a_strategy_that_assigns_patterns():
+    with pytest.raises(ConfigError, match="needs a strategy that assigns"):
+        parse_run_config({"blocks.precision": "salience", "strategy.name": "fedit"})
+    cfg = parse_run_config(
+        {"blocks.precision": "salience", "strategy.name": "haflq", "tiers.memory-mb": "1,2,0"}
+    )
+    assert cfg.strategy.blocks.enabled and cfg.strategy.blocks.salience_metric == "quantization"
+    budgets = [p.memory_budget_bytes for p in cfg.strategy.tiers.profiles]
+    assert budgets == [2**20, 2 * 2**20, float("inf")]
