@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-rows", type=int, default=200)
     parser.add_argument("--random-seeds", type=int, default=5)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tiers", default=",".join(TIER_POSITIONS), help="budgets to test")
     args = parser.parse_args(argv)
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     for bits in (16, 8, 4):
         record("uniform", f"uniform-{bits}", (bits,) * n)
     for tier, budget in tier_budgets(layout).items():
+        if tier not in tiers:
+            continue
         for metric in METRICS:
             record(tier, metric, allocate_block_bits(salience[metric], layout, budget))
         for seed in range(args.random_seeds):
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|",
     ]
     uniform = {r["arm"]: r for r in rows if r["tier"] == "uniform"}
-    for tier in TIER_POSITIONS:
+    for tier in tiers:
         cells = {r["arm"]: r for r in rows if r["tier"] == tier}
         rand = [r["loss"] for a, r in cells.items() if a.startswith("random")]
         mib = cells["gradient"]["block_mib"]
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(
         "\nUniform: "
         + ", ".join(f"{a} {r['loss']:.4f} ({r['block_mib']:.0f} MiB)" for a, r in uniform.items())
-        + "; salience time: "
+        + f"; calibration rows: {args.calibration_rows}; salience time: "
         + ", ".join(f"{m} {s:.1f} s" for m, s in seconds.items())
     )
     text = "\n".join(lines) + "\n"

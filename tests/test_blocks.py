@@ -161,6 +161,22 @@ def test_pattern_builds_real_modules_with_exact_bytes_and_lora_grads(tiny_config
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
+def test_linear16_matches_an_upcast_linear_in_value_and_input_gradient():
+    torch.manual_seed(0)
+    layer = Linear16(6, 5, bias=True)
+    layer.weight = torch.nn.Parameter(layer.weight.data.bfloat16(), requires_grad=False)
+    layer.bias.requires_grad_(False)
+    x = torch.randn(3, 6, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    ref = torch.nn.functional.linear(ref_x, layer.weight.float(), layer.bias)
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    assert layer.weight.dtype == torch.bfloat16 and layer.weight.grad is None
+
+
 def test_all_4bit_pattern_matches_transformers_nf4(tiny_config):
     from haflq_flower.model import load_base_model
 
