@@ -11,7 +11,13 @@ def _results(accs, ups, tiers=("low", "high")):
     rounds = []
     for i, (acc, up) in enumerate(zip(accs, ups, strict=True)):
         clients = [
-            {"tier": t, "peak_mem_bytes": 100 * (j + 1) + i, "optimizer_state_bytes": 10 * (j + 1)}
+            {
+                "tier": t,
+                "peak_mem_bytes": 100 * (j + 1) + i,
+                "optimizer_state_bytes": 10 * (j + 1),
+                "weight_bytes": 1000 * (j + 1),
+                "train_s": 4.0 * (j + 1) + i,
+            }
             for j, t in enumerate(tiers)
         ]
         rounds.append(
@@ -25,7 +31,11 @@ def _results(accs, ups, tiers=("low", "high")):
                 "clients": clients if i else [],
             }
         )
-    return {"rounds": rounds, "final": {"wall_s": 40.0}}
+    return {
+        "rounds": rounds,
+        "final": {"wall_s": 40.0, "accuracy_by_tier": {"low": 0.6, "high": 0.7}},
+        "config": {"train.local-steps": 2},
+    }
 
 
 def test_summarize_run_known_answers():
@@ -33,7 +43,14 @@ def test_summarize_run_known_answers():
     assert row["final_accuracy"] == 0.71 and row["best_accuracy"] == 0.72
     assert row["rounds_to_target"] == 2 and row["bytes_up_to_target"] == 200
     assert row["bytes_up"] == 300 and row["bytes_down"] == 600
-    assert row["tiers"]["low"] == {"peak_mem_bytes": 103, "opt_bytes": 10}
+    # low: train_s 5, 6, 7 over rounds 1-3 with 2 local steps -> 3.0 s per step
+    assert row["tiers"]["low"] == {
+        "peak_mem_bytes": 103,
+        "opt_bytes": 10,
+        "weight_bytes": 1000,
+        "step_s": 3.0,
+    }
+    assert row["accuracy_by_tier"] == {"low": 0.6, "high": 0.7}
     assert row["tiers"]["high"]["peak_mem_bytes"] == 203
     assert abs(row["strategy_share"] - 0.3 / 30.0) < 1e-12
     assert compare.summarize_run(_results([0.5, 0.6], [0, 1]), 0.9)["rounds_to_target"] is None

@@ -153,8 +153,8 @@ def test_in_process_simulation_with_salience_block_precision(tmp_path):
         "strategy.name": "haflq",
         "blocks.precision": "salience",
         "blocks.salience-metric": "gradient",
-        # tiny: all-4-bit 0.104 MiB, one block at 8 bits 0.121 MiB, all-16 0.205 MiB
-        "tiers.memory-mb": "0.105,0.125,1.0",
+        # tiny: all-4-bit 0.072 MiB, one block at 8 bits 0.090 MiB, all-16 0.173 MiB
+        "tiers.memory-mb": "0.075,0.095,1.0",
         "output.dir": str(tmp_path / "run"),
     }
     results = _simulate(overrides, num_clients=3)
@@ -165,7 +165,7 @@ def test_in_process_simulation_with_salience_block_precision(tmp_path):
         assert sorted(bits["mid"]) == [4, 8]
         weights = [by_tier[t]["weight_bytes"] for t in ("low", "mid", "high")]
         assert weights[0] < weights[1] < weights[2]
-        for t, budget in (("low", 0.105), ("mid", 0.125), ("high", 1.0)):
+        for t, budget in (("low", 0.075), ("mid", 0.095), ("high", 1.0)):
             assert weights[("low", "mid", "high").index(t)] <= budget * 2**20
         # the salience query is control traffic of round 1 only
         assert r["control_bytes"] > 0 if r["round"] == 1 else r["control_bytes"] == 0
