@@ -341,6 +341,39 @@ def plot_comparison(rows: Mapping[str, list[dict]], out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "accuracy.png", dpi=120)
     plt.close(fig)
+    plot_memory(rows, out_dir)
+
+
+def plot_memory(rows: Mapping[str, list[dict]], out_dir: Path) -> None:
+    """memory.png: peak training memory (and base weight bytes, where measured) per
+    tier, one group of bars per arm (first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tiers = list(dict.fromkeys(t for runs in rows.values() for t in runs[0]["tiers"]))
+    if not tiers:
+        return
+    with_weights = any(
+        t.get("weight_bytes") for runs in rows.values() for t in runs[0]["tiers"].values()
+    )
+    panels = [("peak_mem_bytes", "peak training memory (MiB)")]
+    if with_weights:
+        panels.append(("weight_bytes", "base weights (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    width = 0.8 / len(rows)
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        for i, (arm, runs) in enumerate(rows.items()):
+            values = [runs[0]["tiers"].get(t, {}).get(key, 0) / 2**20 for t in tiers]
+            ax.bar([x + i * width for x in range(len(tiers))], values, width, label=arm)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tiers))], tiers)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "memory.png", dpi=120)
+    plt.close(fig)
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -92,9 +92,17 @@ def test_grid_runs_two_arms_and_skips_finished(tmp_path, monkeypatch):
         assert len(results["rounds"]) == 2
     assert "| fedit |" in (out / "summary.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 0
+    assert (out / "memory.png").stat().st_size > 0
 
     # A second call finds both arms finished and runs nothing.
     calls = []
     monkeypatch.setattr(compare.launch, "main", lambda argv: calls.append(argv) or 0)
     assert compare.main(args) == 0
     assert calls == []
+
+
+def test_summary_plots_memory_per_tier(tmp_path):
+    runs = [compare.summarize_run(_results([0.5, 0.6], [0, 100]), None)]
+    compare.plot_comparison({"a": runs, "b": runs}, tmp_path)
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    assert (tmp_path / "memory.png").stat().st_size > 0
