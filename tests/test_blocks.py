@@ -347,3 +347,17 @@ def test_uniform_and_random_planners_need_no_query():
     assert sorted(rand.salience) == [0.0, 1.0, 2.0]
     off = _planner("off")
     assert off.pattern_for(1, ClientProfile()) is None
+
+
+def test_client_model_is_reused_while_the_pattern_holds_and_rebuilt_when_it_changes(tiny_config):
+    from haflq_flower import client_app
+
+    cfg = tiny_config()
+    client_app._MODEL_CACHE.clear()
+    first, _ = client_app._model(cfg, 2, CPU, (4, 8))
+    assert client_app._model(cfg, 2, CPU, (4, 8))[0] is first
+    assert client_app._model(cfg, 2, CPU, any_bits=True)[0] is first  # evaluation
+    second, _ = client_app._model(cfg, 2, CPU, (16, 8))
+    assert second is not first and block_bits_of(second) == (16, 8)
+    assert len(client_app._MODEL_CACHE) == 1  # the old model is not kept alive
+    client_app._MODEL_CACHE.clear()
