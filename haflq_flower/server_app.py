@@ -57,21 +57,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         )
     recorder = RunRecorder(cfg.output_dir, cfg.to_dict(), cfg.num_rounds)
 
-    def test_accuracy(desc: str) -> tuple[float, float]:
-        return evaluate(
-            model,
-            tokenizer,
-            task.test,
-            batch_size=cfg.train.eval_batch_size,
-            max_length=cfg.model.max_length,
-            compute_dtype=cfg.model.compute_dtype,
-            device=device,
-            desc=desc,
-        )
-
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_trainable_state(model, from_array_record(arrays))
-        loss, accuracy = test_accuracy(f"server eval round {server_round}")
+        loss, accuracy = _test_accuracy(
+            cfg, model, tokenizer, task, device, f"server eval round {server_round}"
+        )
         stats = strategy.stats.get(server_round)
         recorder.record_round(server_round, accuracy, loss, stats.to_dict() if stats else None)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
@@ -106,6 +96,20 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     return final
 
 
+def _test_accuracy(cfg: RunConfig, model, tokenizer, task, device, desc: str):
+    """(loss, accuracy) on the held-out test split."""
+    return evaluate(
+        model,
+        tokenizer,
+        task.test,
+        batch_size=cfg.train.eval_batch_size,
+        max_length=cfg.model.max_length,
+        compute_dtype=cfg.model.compute_dtype,
+        device=device,
+        desc=desc,
+    )
+
+
 def _accuracy_by_tier(cfg: RunConfig, strategy, state, device, task) -> dict[str, float]:
     """Test accuracy of the final adapter on each tier's own quantized base."""
     patterns: dict[tuple[int, ...], list[str]] = {}
@@ -120,15 +124,8 @@ def _accuracy_by_tier(cfg: RunConfig, strategy, state, device, task) -> dict[str
             cfg.model, cfg.lora, task.num_labels, cfg.seed, device, bits
         )
         load_trainable_state(model, state)
-        _, accuracy = evaluate(
-            model,
-            tokenizer,
-            task.test,
-            batch_size=cfg.train.eval_batch_size,
-            max_length=cfg.model.max_length,
-            compute_dtype=cfg.model.compute_dtype,
-            device=device,
-            desc=f"final eval on the {'/'.join(tiers)} base",
+        _, accuracy = _test_accuracy(
+            cfg, model, tokenizer, task, device, f"final eval on the {'/'.join(tiers)} base"
         )
         for tier in tiers:
             out[tier] = accuracy
