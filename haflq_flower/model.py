@@ -217,7 +217,11 @@ def _load(cfg: ModelConfig, path: str, loader, **kwargs):
 
 
 def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc), so RSS measures what is live."""
+    """Collect garbage (PEFT models hold reference cycles) and hand freed heap memory
+    back to the OS (glibc), so that RSS measures what is live."""
+    import gc
+
+    gc.collect()
     try:
         import ctypes
 
