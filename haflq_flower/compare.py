@@ -370,8 +370,9 @@ def plot_memory(rows: Mapping[str, list[dict]], out_dir: Path) -> None:
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tiers))], tiers)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(rows), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out_dir / "memory.png", dpi=120)
     plt.close(fig)
 
