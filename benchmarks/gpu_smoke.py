@@ -6,6 +6,11 @@ loading, LoRA and training code at each base precision. Accuracy is not meaningf
 (random weights); memory, step time and non-zero LoRA gradients are.
 
     python benchmarks/gpu_smoke.py --config path/config.json --tokenizer path/ --texts t.csv
+    # block-wise bases too (issue 4): uniform levels and a 4/8/16 mix
+    python benchmarks/gpu_smoke.py ... --block-patterns 4,8,16,mixed
+
+``weight_bytes`` is the base model's exact weight memory (bitsandbytes statistics
+included; LoRA and the head excluded).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from haflq_flower.lora.components import lora_modules
 from haflq_flower.lora.state import trainable_state
 from haflq_flower.lora.view import component_view
 from haflq_flower.model import load_lora_model, select_device
+from haflq_flower.quant.mixed import base_weight_bytes
 from haflq_flower.train import evaluate, train_local
 
 
@@ -46,6 +52,12 @@ def main() -> None:
     )
     parser.add_argument("--quantizations", default="none,int8,nf4")
     parser.add_argument("--freeze-rank", type=int, default=2, help="also train r of R (freeze)")
+    parser.add_argument(
+        "--block-patterns",
+        default="",
+        help='block-wise bases, e.g. "4,8,16,mixed": a uniform level, or mixed (4/8/16 '
+        "cycling over the blocks); rows are labelled blocks-<pattern>",
+    )
     args = parser.parse_args()
 
     device = select_device()
@@ -60,18 +72,27 @@ def main() -> None:
     AutoTokenizer.from_pretrained(args.tokenizer).save_pretrained(tmp)
 
     rows = []
-    for quant, freeze in [(q, f) for q in args.quantizations.split(",") for f in (False, True)]:
+    num_blocks = config.num_hidden_layers
+    jobs = [(q, q, None, f) for q in args.quantizations.split(",") if q for f in (False, True)]
+    for name in filter(None, args.block_patterns.split(",")):
+        bits = (
+            tuple((4, 8, 16)[i % 3] for i in range(num_blocks))
+            if name == "mixed"
+            else (int(name),) * num_blocks
+        )
+        jobs.append((f"blocks-{name}", "nf4", bits, False))
+    for quant, quantization, block_bits, freeze in jobs:
         cfg = parse_run_config(
             {
                 "model.name": str(tmp),
-                "model.quantization": quant,
+                "model.quantization": quantization,
                 "train.local-steps": args.steps,
                 "train.batch-size": args.batch_size,
             }
         )
         torch.cuda.empty_cache() if device.type == "cuda" else None
-        model, tok = load_lora_model(cfg.model, cfg.lora, 2, seed=0, device=device)
-        weight_bytes = model.get_memory_footprint()
+        model, tok = load_lora_model(cfg.model, cfg.lora, 2, 0, device, block_bits)
+        weight_bytes = base_weight_bytes(model)
 
         sel = {m: np.arange(args.freeze_rank) for m in lora_modules(trainable_state(model))}
         ctx = component_view(model, sel, "freeze") if freeze else contextlib.nullcontext()
