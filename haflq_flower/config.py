@@ -18,6 +18,7 @@ from typing import Any
 
 from .hardware import auto_compute_dtype
 from .profiles import ProfileError, TierTable
+from .quant.salience import METRICS as SALIENCE_METRICS
 
 # Defaults of every run-config key. Must match [tool.flwr.app.config] in pyproject.toml.
 DEFAULTS: dict[str, Any] = {
@@ -85,7 +86,6 @@ TIE_BREAKS = ("index", "seed")
 UPLINKS = ("auto", "adaptive", "fp16", "fp32")
 DOWNLINK_BITS = (8, 16, 32)
 BLOCK_PRECISIONS = ("off", "uniform-4", "uniform-8", "uniform-16", "salience", "random")
-SALIENCE_METRICS = ("gradient", "influence", "quantization")
 
 
 class ConfigError(ValueError):

@@ -270,6 +270,8 @@ def load_base_model(
     apply_block_bits(model, block_bits, dtype, device, four_bit)
     store_embeddings_16bit(model, dtype)  # embeddings, like the head and norms, stay 16-bit
     model.to(device)
+    if device.type == "cpu":
+        disable_bnb_cpu_repack(model)
     release_freed_memory()
     return model, tokenizer
 

@@ -10,7 +10,9 @@ Exact byte costs (they match what bitsandbytes allocates, see tests/test_blocks.
 - 4-bit: ``ceil(n/2)`` packed codes + one fp32 absmax per 64 weights (no double quant);
 - 8-bit: ``n`` int8 codes + one fp32 scale per output row (``SCB``);
 - 16-bit: ``2n`` (bf16/fp16 storage);
-- a bias stays in the compute dtype at every level.
+- a bias is counted at 4 bytes per value at every level (fp32; with bf16 compute
+  bitsandbytes holds it in 2, so a biased model is over-counted: on the safe side of a
+  budget). Llama-family blocks have no biases.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 LEVELS = (4, 8, 16)
 NF4_BLOCKSIZE = 64
+BIAS_BYTES = 4
 _LADDER = ((4, 8), (8, 16))
 
 
@@ -39,10 +42,10 @@ class LinearShape:
     bias: bool = False
 
 
-def linear_bytes(shape: LinearShape, bits: int, bias_bytes_per_value: int = 4) -> int:
+def linear_bytes(shape: LinearShape, bits: int) -> int:
     """Bytes of one linear layer's weight (and bias) stored at ``bits``."""
     n = shape.out_features * shape.in_features
-    bias = shape.out_features * bias_bytes_per_value if shape.bias else 0
+    bias = shape.out_features * BIAS_BYTES if shape.bias else 0
     if bits == 4:
         return math.ceil(n / 2) + math.ceil(n / NF4_BLOCKSIZE) * 4 + bias
     if bits == 8:

@@ -10,7 +10,6 @@ dispatches its bnb-aware LoRA layers onto the quantized modules.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -18,8 +17,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from .blocks import BlockLayout, LinearShape
-
-log = logging.getLogger(__name__)
 
 INT8_THRESHOLD = 6.0
 _BLOCK_LIST_NAMES = ("layers", "h", "blocks", "block")
@@ -132,10 +129,7 @@ def _quantized_linear(
         store = torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
         new = Linear16(old.in_features, old.out_features, bias=has_bias, device="meta")
         new.weight = nn.Parameter(weight.to(store), requires_grad=False)
-        if has_bias:
-            new.bias = nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
-        return new.to(device)
-    if bits == 4:
+    elif bits == 4:
         new = bnb.nn.Linear4bit(
             old.in_features,
             old.out_features,
@@ -148,8 +142,6 @@ def _quantized_linear(
         new.weight = bnb.nn.Params4bit(
             weight.float(), requires_grad=False, compress_statistics=False, quant_type=four_bit_type
         )
-        if device.type == "cpu":
-            new.support_avx512bf16_for_cpu = False  # the CPU repack bug, see model.py
     elif bits == 8:
         new = bnb.nn.Linear8bitLt(
             old.in_features,
@@ -164,7 +156,7 @@ def _quantized_linear(
         raise ValueError(f"block bits must be 4, 8 or 16, got {bits}")
     if has_bias:
         new.bias = nn.Parameter(old.bias.data.to(compute_dtype), requires_grad=False)
-    return new.to(device)  # bitsandbytes quantizes when the parameter is moved
+    return new.to(device)  # bitsandbytes quantizes 4/8-bit weights when they are moved
 
 
 def apply_block_bits(

@@ -29,8 +29,6 @@ from torch import nn
 
 from .mixed import block_linears, transformer_blocks
 
-METRICS = ("gradient", "influence", "quantization")
-
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss over real (non-padding) tokens."""
@@ -128,6 +126,7 @@ _METRIC_FUNCTIONS = {
     "influence": influence_salience,
     "quantization": quantization_salience,
 }
+METRICS = tuple(_METRIC_FUNCTIONS)
 
 
 def block_salience(model: nn.Module, batch: dict[str, torch.Tensor], metric: str) -> np.ndarray:
