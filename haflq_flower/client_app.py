@@ -93,6 +93,17 @@ def _partition(context: Context) -> tuple[int, int]:
         ) from err
 
 
+class SimulatedDropout(RuntimeError):
+    """Raised by a client that ``simulation.dropout`` takes out of a round."""
+
+
+def drops_out(seed: int, server_round: int, partition: int, probability: float) -> bool:
+    """Whether a partition drops out of a round: a seeded coin, the same in every run."""
+    if probability <= 0.0:
+        return False
+    return bool(np.random.default_rng([seed, server_round, partition, 7]).random() < probability)
+
+
 def _train_metrics(num_rows: int, result: TrainResult) -> MetricRecord:
     return MetricRecord(
         {
@@ -121,6 +132,12 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     pid, num_parts = _partition(context)
     node_cfg = msg.content[CONFIG_KEY]
     server_round = int(node_cfg.get("server-round", 0))
+    if drops_out(cfg.seed, server_round, pid, cfg.dropout):
+        # As a crashed device: no update comes back, Flower reports an error reply.
+        raise SimulatedDropout(
+            f"partition {pid} dropped out of round {server_round} "
+            f"(simulation.dropout={cfg.dropout})"
+        )
     mode = str(node_cfg.get("mode", ""))
     if mode and mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r} from the server; allowed: {MODES}")

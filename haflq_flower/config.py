@@ -73,8 +73,14 @@ DEFAULTS: dict[str, Any] = {
     "strategy.min-train-nodes": 1,
     "strategy.fraction-evaluate": 0.0,
     "strategy.round-timeout": 3600.0,
+    "strategy.min-replies": 1,
+    "strategy.max-examples": 10_000_000,
+    "strategy.clip-factor": 0.0,
+    "simulation.dropout": 0.0,
     "output.dir": "",
     "output.plots": True,
+    "output.checkpoint": True,
+    "resume": "",
 }
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
@@ -182,6 +188,9 @@ class StrategyConfig:
     min_train_nodes: int
     fraction_evaluate: float
     round_timeout: float
+    min_replies: int
+    max_examples: int
+    clip_factor: float
     importance: ImportanceConfig
     tiers: TierTable
     channel: ChannelConfig
@@ -201,6 +210,11 @@ class RunConfig:
     output_dir: Path
     plots: bool
     raw: dict[str, Any]
+    # Write checkpoint.npz after every round; resume: the run directory to continue.
+    checkpoint: bool = True
+    resume: Path | None = None
+    # Simulation only: the probability that a client fails a round (as a crashed device).
+    dropout: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The flat run config as given (with defaults filled), for results.json."""
@@ -418,7 +432,13 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         min_train_nodes=_positive(cfg, "strategy.min-train-nodes", int),
         fraction_evaluate=_fraction(cfg, "strategy.fraction-evaluate"),
         round_timeout=_positive(cfg, "strategy.round-timeout", float),
+        min_replies=_positive(cfg, "strategy.min-replies", int),
+        max_examples=_positive(cfg, "strategy.max-examples", int),
+        clip_factor=_positive(cfg, "strategy.clip-factor", float, allow_zero=True),
     )
+    dropout = _get(cfg, "simulation.dropout", float)
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"run config 'simulation.dropout' must lie in [0, 1), got {dropout!r}")
 
     out = _get(cfg, "output.dir", str)
     output_dir = Path(out).expanduser() if out else default_output_dir()
@@ -427,6 +447,20 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             f"run config 'output.dir' must be an absolute path, got {out!r}: under `flwr run` "
             "the apps run in the SuperLink's working directory, not in the project."
         )
+    resume_str = _get(cfg, "resume", str).strip()
+    resume = Path(resume_str).expanduser() if resume_str else None
+    if resume is not None:
+        if not resume.is_absolute():
+            raise ConfigError(
+                f"run config 'resume' must be the absolute path of the run directory to "
+                f"continue (the one holding checkpoint.npz), got {resume_str!r}"
+            )
+        if out and output_dir != resume:
+            raise ConfigError(
+                f"run config 'resume' ({resume}) and 'output.dir' ({output_dir}) differ: a "
+                "resumed run writes into the directory it continues; leave output.dir empty"
+            )
+        output_dir = resume
 
     return RunConfig(
         num_rounds=_positive(cfg, "num-server-rounds", int),
@@ -439,4 +473,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         output_dir=output_dir,
         plots=_get(cfg, "output.plots", bool),
         raw=raw,
+        checkpoint=_get(cfg, "output.checkpoint", bool),
+        resume=resume,
+        dropout=dropout,
     )

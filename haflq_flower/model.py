@@ -78,7 +78,10 @@ def _build_once(target: Path, build) -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
         try:
-            build(tmp)
+            # A build must not consume the caller's RNG: the LoRA/head init that follows
+            # would otherwise depend on whether the cache was already there.
+            with torch.random.fork_rng(devices=[]):
+                build(tmp)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)

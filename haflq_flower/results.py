@@ -39,14 +39,34 @@ def human_bytes(n: float) -> str:
 
 
 class RunRecorder:
-    """Collects per-round results and keeps ``results.json`` current on disk."""
+    """Collects per-round results and keeps ``results.json`` current on disk.
 
-    def __init__(self, output_dir: Path, config: dict[str, Any], num_rounds: int) -> None:
+    A resumed run passes the checkpoint's results as ``previous`` and its elapsed
+    seconds as ``elapsed_s``: rounds continue the list, wall time continues the clock,
+    and ``resumed_after`` lists the rounds after which the run was resumed.
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        config: dict[str, Any],
+        num_rounds: int,
+        previous: dict[str, Any] | None = None,
+        elapsed_s: float = 0.0,
+    ) -> None:
         self.output_dir = output_dir
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.num_rounds = num_rounds
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() - elapsed_s
         self.data: dict[str, Any] = {"config": config, "rounds": [], "final": None}
+        if previous is not None:
+            self.data["rounds"] = list(previous["rounds"])
+            resumed = list(previous.get("resumed_after", []))
+            self.data["resumed_after"] = [*resumed, self.data["rounds"][-1]["round"]]
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.start
 
     @property
     def results_path(self) -> Path:
@@ -90,6 +110,10 @@ class RunRecorder:
         """Write the ``final`` block (last-round figures, totals, and ``extra``)."""
         rounds = self.data["rounds"]
         last = rounds[-1] if rounds else {}
+        statuses: dict[str, int] = {}
+        for r in rounds:
+            for c in r["clients"]:
+                statuses[c["status"]] = statuses.get(c["status"], 0) + 1
         self.data["final"] = {
             "accuracy": last.get("accuracy"),
             "loss": last.get("loss"),
@@ -98,6 +122,11 @@ class RunRecorder:
             "bytes_down": sum(r["bytes_down"] for r in rounds),
             "wall_s": time.perf_counter() - self.start,
             "adapter_dir": adapter_dir,
+            # client replies over the run by outcome (ok, rejected, error, no reply)
+            "replies": statuses,
+            "rounds_skipped": [
+                r["round"] for r in rounds if str(r.get("update", "")).startswith("skipped")
+            ],
             **extra,
         }
         write_json_atomic(self.results_path, self.data)

@@ -9,10 +9,23 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from .config import RunConfig, parse_run_config
+from .checkpoint import (
+    CheckpointError,
+    config_differences,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from .config import ConfigError, RunConfig, parse_run_config
 from .data import load_task
 from .logs import setup_logging
-from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
+from .lora.state import (
+    check_state,
+    from_array_record,
+    load_trainable_state,
+    to_array_record,
+    trainable_state,
+)
 from .model import count_blocks, load_lora_model, select_device
 from .quant.blocks import pattern_to_str
 from .quant.mixed import block_layout
@@ -55,24 +68,55 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
                 for b in (4, 8, 16)
             ),
         )
-    recorder = RunRecorder(cfg.output_dir, cfg.to_dict(), cfg.num_rounds)
+    initial_state = trainable_state(model)
+    first_round = 1
+    if cfg.resume is not None:
+        ckpt = _resume(cfg)
+        try:
+            check_state(initial_state, ckpt.global_state)
+        except ValueError as err:
+            raise CheckpointError(
+                f"the checkpoint in {cfg.resume} does not fit this model and LoRA config: {err}"
+            ) from err
+        strategy.load_state_dict(ckpt.strategy_meta, ckpt.strategy_arrays)
+        initial_state = ckpt.global_state
+        first_round = ckpt.round + 1
+        restore_rng(ckpt.rng, ckpt.rng["torch"])
+        recorder = RunRecorder(
+            cfg.output_dir, cfg.to_dict(), cfg.num_rounds, ckpt.results, ckpt.elapsed_s
+        )
+    else:
+        recorder = RunRecorder(cfg.output_dir, cfg.to_dict(), cfg.num_rounds)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_trainable_state(model, from_array_record(arrays))
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Evaluate the global adapter, record the round, then checkpoint it."""
+        state = from_array_record(arrays)
+        load_trainable_state(model, state)
         loss, accuracy = _test_accuracy(
             cfg, model, tokenizer, task, device, f"server eval round {server_round}"
         )
         stats = strategy.stats.get(server_round)
         recorder.record_round(server_round, accuracy, loss, stats.to_dict() if stats else None)
+        if cfg.checkpoint:
+            save_checkpoint(
+                cfg.output_dir,
+                server_round,
+                cfg.to_dict(),
+                state,
+                strategy.state_dict(),
+                recorder.data,
+                recorder.elapsed_s,
+            )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     result = strategy.start(
         grid=grid,
-        initial_arrays=to_array_record(trainable_state(model)),
+        initial_arrays=to_array_record(initial_state),
         num_rounds=cfg.num_rounds,
         timeout=cfg.strategy.round_timeout,
         train_config=ConfigRecord(),
-        evaluate_fn=evaluate_global,
+        evaluate_fn=after_round,
+        first_round=first_round,
     )
 
     final_state = from_array_record(result.arrays)
@@ -94,6 +138,32 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         cfg.output_dir,
     )
     return final
+
+
+def _resume(cfg: RunConfig):
+    """The checkpoint of the run directory ``cfg.resume``, checked against ``cfg``."""
+    ckpt = load_checkpoint(cfg.resume)
+    diffs = config_differences(ckpt.config, cfg.to_dict())
+    if diffs:
+        raise ConfigError(
+            f"cannot resume {cfg.resume}: the run config differs from the checkpoint's in "
+            f"{'; '.join(diffs)}. Resume with the same settings (only num-server-rounds, "
+            "output.plots, strategy.round-timeout, eval.batch-size and model.cache-dir may "
+            "change)."
+        )
+    if ckpt.round > cfg.num_rounds:
+        raise ConfigError(
+            f"cannot resume {cfg.resume}: its checkpoint is after round {ckpt.round}, beyond "
+            f"num-server-rounds={cfg.num_rounds}"
+        )
+    log.info(
+        "Resuming %s after round %d of %d (accuracy so far %s)",
+        cfg.resume,
+        ckpt.round,
+        cfg.num_rounds,
+        ckpt.results["rounds"][-1].get("accuracy"),
+    )
+    return ckpt
 
 
 def _test_accuracy(cfg: RunConfig, model, tokenizer, task, device, desc: str):

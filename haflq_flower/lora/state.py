@@ -7,6 +7,7 @@ Values are float32 numpy arrays: numpy has no bfloat16, and the master copy is f
 
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
 
 import numpy as np
@@ -68,9 +69,50 @@ def to_array_record(state: LoraState) -> ArrayRecord:
     )
 
 
+def array_to_numpy(arr: Array) -> np.ndarray:
+    """A received :class:`Array` as a writable numpy array, checked before allocation.
+
+    ``Array.numpy()`` trusts the ``.npy`` header inside the bytes, and numpy allocates
+    what the header claims before it reads the data; a hostile header could claim
+    terabytes. Here the header is parsed first and the claimed size must equal the bytes
+    that are actually there; only plain numeric dtypes are accepted.
+
+    Raises
+    ------
+    StateMismatchError
+        If the array is not a well-formed numeric ``.npy`` blob.
+    """
+    if arr.stype != "numpy.ndarray":
+        raise StateMismatchError(f"array of serialization type {arr.stype!r}, expected numpy")
+    data = bytes(arr.data)
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+    except (ValueError, SyntaxError, TypeError) as err:
+        raise StateMismatchError(f"malformed array header: {err}") from err
+    if dtype.kind not in "fiub" or dtype.hasobject:
+        raise StateMismatchError(f"array dtype {dtype} is not numeric")
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    body = len(data) - buf.tell()
+    if count * dtype.itemsize != body:
+        raise StateMismatchError(
+            f"array header claims shape {tuple(shape)} of {dtype} "
+            f"({count * dtype.itemsize} bytes) but {body} bytes follow"
+        )
+    out = np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell())
+    return out.reshape(shape, order="F" if fortran else "C").copy()
+
+
 def from_array_record(record: ArrayRecord) -> LoraState:
-    """Unpack an ArrayRecord into float arrays (copies, safe to modify)."""
-    return OrderedDict((name, np.array(arr.numpy(), copy=True)) for name, arr in record.items())
+    """Unpack an ArrayRecord into arrays (copies, safe to modify), each checked by
+    :func:`array_to_numpy`."""
+    return OrderedDict((name, array_to_numpy(arr)) for name, arr in record.items())
 
 
 def record_dict_bytes(content: RecordDict) -> int:

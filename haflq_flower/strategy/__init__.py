@@ -27,6 +27,9 @@ def build_strategy(cfg: RunConfig) -> LoRAStrategy:
         min_train_nodes=cfg.strategy.min_train_nodes,
         fraction_evaluate=cfg.strategy.fraction_evaluate,
         seed=cfg.seed,
+        min_replies=cfg.strategy.min_replies,
+        max_examples=cfg.strategy.max_examples,
+        clip_factor=cfg.strategy.clip_factor,
     )
     cls = STRATEGIES[cfg.strategy.name]
     if issubclass(cls, HAFLQStrategy):

@@ -13,14 +13,17 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
+from ..lora.robust import clip_scales, state_norm
 from ..lora.state import (
     LoraState,
     check_state,
@@ -35,6 +38,8 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES = "num-examples"
+# Client statuses in results.json (``sent`` until the round's replies are in).
+STATUS_OK, STATUS_REJECTED, STATUS_ERROR, STATUS_NO_REPLY = "ok", "rejected", "error", "no reply"
 
 
 class ReplyError(ValueError):
@@ -114,6 +119,15 @@ class LoRAStrategy(Strategy):
         Centralized evaluation on the held-out test split happens in the ServerApp.
     seed : int (default: 0)
         Seeds node sampling, so a run samples the same nodes every time.
+    min_replies : int (default: 1)
+        A round with fewer usable replies leaves the global adapter unchanged (the
+        reason is logged and recorded); with 1, the round proceeds with whoever answered.
+    max_examples : int (default: 10_000_000)
+        A reply claiming more local examples than this is rejected: ``num-examples`` is
+        the aggregation weight, and an absurd one would let one client take the average.
+    clip_factor : float (default: 0.0)
+        Robust aggregation: if > 0, each update's norm is clipped to ``clip_factor``
+        times the round's lower median update norm (:mod:`haflq_flower.lora.robust`).
     """
 
     def __init__(
@@ -122,15 +136,25 @@ class LoRAStrategy(Strategy):
         min_train_nodes: int = 1,
         fraction_evaluate: float = 0.0,
         seed: int = 0,
+        min_replies: int = 1,
+        max_examples: int = 10_000_000,
+        clip_factor: float = 0.0,
     ) -> None:
         if not 0.0 <= fraction_train <= 1.0 or not 0.0 <= fraction_evaluate <= 1.0:
             raise ValueError("fractions must lie in [0, 1]")
         if min_train_nodes < 1:
             raise ValueError("min_train_nodes must be >= 1")
+        if min_replies < 1 or max_examples < 1:
+            raise ValueError("min_replies and max_examples must be >= 1")
+        if not (clip_factor >= 0.0 and np.isfinite(clip_factor)):
+            raise ValueError(f"clip_factor must be a finite number >= 0, got {clip_factor}")
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.fraction_evaluate = fraction_evaluate
         self.seed = seed
+        self.min_replies = min_replies
+        self.max_examples = max_examples
+        self.clip_factor = clip_factor
         self.stats: dict[int, RoundStats] = {}
         self._global: LoraState | None = None
 
@@ -164,6 +188,32 @@ class LoRAStrategy(Strategy):
     ) -> LoraState:
         """Combine validated client updates into the next global state."""
         raise NotImplementedError
+
+    def update_delta(self, update: ClientUpdate) -> LoraState:
+        """The client's change to the global state (default: the full state it sent minus
+        the global one); its norm is what :attr:`clip_factor` bounds."""
+        return OrderedDict((k, update.payload[k] - self._global[k]) for k in self._global)
+
+    def scale_update(self, update: ClientUpdate, scale: float) -> None:
+        """Multiply the client's change to the global state by ``scale``, in place."""
+        update.payload = OrderedDict(
+            (
+                k,
+                (self._global[k] + scale * (update.payload[k] - self._global[k])).astype(
+                    update.payload[k].dtype
+                ),
+            )
+            for k in self._global
+        )
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What the strategy keeps between rounds, for checkpoints: JSON-able facts and
+        named arrays. The global adapter and the results are saved by the ServerApp;
+        the base class keeps nothing else. Subclasses with state override both methods."""
+        return {}, {}
+
+    def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_dict` returned (when a run resumes)."""
 
     # --------------------------------------------------------------- sampling
     def _sample(self, grid: Grid, server_round: int, fraction: float, minimum: int) -> list[int]:
@@ -228,6 +278,7 @@ class LoRAStrategy(Strategy):
         node_id = msg.metadata.src_node_id
         if msg.has_error():
             self._reject(stats, node_id, f"client error: {msg.error.reason}")
+            stats.clients.setdefault(node_id, ClientRoundStats(node=node_id)).status = STATUS_ERROR
             return None
         content = msg.content
         if METRICS_KEY not in content.metric_records:
@@ -235,29 +286,42 @@ class LoRAStrategy(Strategy):
             return None
         metrics = dict(content.metric_records[METRICS_KEY])
         num_examples = metrics.get(NUM_EXAMPLES)
-        if not isinstance(num_examples, int) or num_examples <= 0:
-            self._reject(stats, node_id, f"bad '{NUM_EXAMPLES}': {num_examples!r}")
+        if (
+            not isinstance(num_examples, int)
+            or isinstance(num_examples, bool)
+            or not 0 < num_examples <= self.max_examples
+        ):
+            self._reject(
+                stats,
+                node_id,
+                f"bad '{NUM_EXAMPLES}': {num_examples!r} (an integer in [1, "
+                f"{self.max_examples}] is required)",
+            )
             return None
         client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
         try:
             payload = self.decode_reply(node_id, content, client)
-        except (ValueError, TypeError, KeyError, IndexError) as err:
-            self._reject(stats, node_id, str(err))
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as err:
+            self._reject(stats, node_id, f"{type(err).__name__}: {err}")
             return None
         client.bytes_up = record_dict_bytes(content)
         client.num_examples = num_examples
-        client.train_s = float(metrics.get("train-s", 0.0))
-        client.train_loss = float(metrics.get("train-loss", float("nan")))
-        client.peak_mem_bytes = int(metrics.get("peak-mem-bytes", 0))
-        client.trainable_params = int(metrics.get("trainable-params", 0))
-        client.partition = int(metrics.get("partition-id", -1))
-        client.optimizer_state_bytes = int(metrics.get("optimizer-state-bytes", 0))
-        client.weight_bytes = int(metrics.get("weight-bytes", 0))
-        client.status = "ok"
+        # Informational metrics: a malformed one is recorded as missing, never fatal.
+        client.train_s = _number(metrics, "train-s", float, 0.0)
+        client.train_loss = _number(metrics, "train-loss", float, float("nan"))
+        client.peak_mem_bytes = _number(metrics, "peak-mem-bytes", int, 0)
+        client.trainable_params = _number(metrics, "trainable-params", int, 0)
+        client.partition = _number(metrics, "partition-id", int, -1)
+        client.optimizer_state_bytes = _number(metrics, "optimizer-state-bytes", int, 0)
+        client.weight_bytes = _number(metrics, "weight-bytes", int, 0)
+        client.status = STATUS_OK
         stats.bytes_up += client.bytes_up
-        return ClientUpdate(
-            node_id, payload, num_examples, {k: float(v) for k, v in metrics.items()}
-        )
+        numeric = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        return ClientUpdate(node_id, payload, num_examples, numeric)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -265,20 +329,121 @@ class LoRAStrategy(Strategy):
         stats = self.stats.setdefault(server_round, RoundStats(round=server_round))
         replies = list(replies)
         start = time.perf_counter()
-        updates = [u for msg in replies if (u := self.parse_reply(msg, stats)) is not None]
+        updates = self._usable_updates(replies, stats)
         for client in stats.clients.values():
             if client.status == "sent":
-                client.status = "no reply"
-        if not updates:
-            log.warning("round %d: no usable reply; the global adapter is unchanged", server_round)
+                client.status = STATUS_NO_REPLY
+        counts: dict[str, int] = {}
+        for client in stats.clients.values():
+            counts[client.status] = counts.get(client.status, 0) + 1
+        stats.extra["replies"] = counts
+        if len(updates) < self.min_replies:
+            reason = (
+                f"{len(updates)} usable repl{'y' if len(updates) == 1 else 'ies'} "
+                f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}), fewer than "
+                f"min_replies={self.min_replies}"
+            )
+            log.warning("round %d: %s; the global adapter is unchanged", server_round, reason)
+            stats.extra["update"] = f"skipped: {reason}"
             stats.strategy_s += time.perf_counter() - start
             return None, None
+        if self.clip_factor > 0:
+            self._clip(updates, stats)
         new_state = self.aggregate(server_round, self._global, updates)
+        stats.extra["update"] = "applied"
         stats.strategy_s += time.perf_counter() - start
         total = sum(u.num_examples for u in updates)
-        loss = sum(u.num_examples * u.metrics.get("train-loss", 0.0) for u in updates) / total
+        loss = (
+            sum(
+                u.num_examples * u.metrics.get("train-loss", 0.0)
+                for u in updates
+                if np.isfinite(u.metrics.get("train-loss", 0.0))
+            )
+            / total
+        )
         metrics = MetricRecord({"train-loss": loss, NUM_EXAMPLES: total, "clients": len(updates)})
         return to_array_record(new_state), metrics
+
+    def _usable_updates(self, replies: list[Message], stats: RoundStats) -> list[ClientUpdate]:
+        """Validated updates in a fixed order (partition, then node): floating-point sums
+        depend on order, and arrival order does not repeat between runs."""
+        updates = []
+        for msg in replies:
+            try:
+                update = self.parse_reply(msg, stats)
+            except Exception as err:  # a hook that fails on one reply must not end the run
+                node_id = msg.metadata.src_node_id
+                log.exception("round %d: reply from node %d broke validation", stats.round, node_id)
+                self._reject(stats, node_id, f"validation failed: {type(err).__name__}: {err}")
+                continue
+            if update is not None:
+                updates.append(update)
+        return sorted(updates, key=lambda u: (stats.clients[u.node_id].partition, u.node_id))
+
+    def _clip(self, updates: list[ClientUpdate], stats: RoundStats) -> None:
+        norms = [state_norm(self.update_delta(u)) for u in updates]
+        scales = clip_scales(norms, self.clip_factor)
+        clipped = {}
+        for update, norm, scale in zip(updates, norms, scales, strict=True):
+            if scale < 1.0:
+                self.scale_update(update, float(scale))
+                clipped[update.node_id] = round(float(scale), 6)
+                log.info(
+                    "round %d: node %d update norm %.4g clipped by %.3g",
+                    stats.round,
+                    update.node_id,
+                    norm,
+                    scale,
+                )
+        stats.extra["clipped"] = {str(k): v for k, v in clipped.items()}
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's round loop (train, federated evaluation, centralized evaluation),
+        starting at ``first_round``: a resumed run starts after its checkpoint's round
+        and skips the round-0 evaluation it already has."""
+        log.info("Starting %s, rounds %d to %d", type(self).__name__, first_round, num_rounds)
+        self.summary()
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        result = Result(arrays=initial_arrays)
+        if evaluate_fn and first_round == 1:
+            res = evaluate_fn(0, initial_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        arrays = initial_arrays
+        for current_round in range(first_round, num_rounds + 1):
+            log.info("[ROUND %d/%d]", current_round, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(current_round, arrays, train_config, grid),
+                timeout=timeout,
+            )
+            new_arrays, train_metrics = self.aggregate_train(current_round, replies)
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[current_round] = train_metrics
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid),
+                timeout=timeout,
+            )
+            eval_metrics = self.aggregate_evaluate(current_round, replies)
+            if eval_metrics is not None:
+                result.evaluate_metrics_clientapp[current_round] = eval_metrics
+            if evaluate_fn:
+                res = evaluate_fn(current_round, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+        return result
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -313,3 +478,14 @@ class LoRAStrategy(Strategy):
         if total == 0:
             return None
         return MetricRecord({"accuracy": acc / total, "loss": loss / total, NUM_EXAMPLES: total})
+
+
+def _number(metrics: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """``metrics[key]`` as ``kind`` if it is a finite number, else ``default``."""
+    value = metrics.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        return default
+    try:
+        return kind(value)
+    except (OverflowError, ValueError):
+        return default

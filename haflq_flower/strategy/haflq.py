@@ -23,6 +23,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -45,8 +46,10 @@ from ..lora.components import (
     module_rank,
 )
 from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance
+from ..lora.robust import scale_state
 from ..lora.state import (
     LoraState,
+    array_to_numpy,
     check_state,
     from_array_record,
     record_dict_bytes,
@@ -93,7 +96,8 @@ def selection_to_record(selection: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: arr.numpy() for name, arr in record.items()}
+    """Arrays by name, each size-checked before allocation (:func:`array_to_numpy`)."""
+    return {name: array_to_numpy(arr) for name, arr in record.items()}
 
 
 @dataclass
@@ -281,6 +285,46 @@ class HAFLQStrategy(LoRAStrategy):
                 f"node {n}: {self.profiles[n].tier}/r={self.profiles[n].lora_rank}" for n in unknown
             ),
         )
+
+    # ------------------------------------------------------------ checkpoints
+    def update_delta(self, update: ClientUpdate) -> LoraState:
+        return update.payload.delta
+
+    def scale_update(self, update: ClientUpdate, scale: float) -> None:
+        update.payload.delta = scale_state(update.payload.delta, scale)
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Profiles by node, the global importance (scores and which components were ever
+        reported) and the block salience."""
+        meta: dict[str, Any] = {
+            "profiles": {str(n): p.to_record() for n, p in self.profiles.items()},
+            "importance_modules": list(self.importance.modules) if self.importance else None,
+        }
+        arrays: dict[str, np.ndarray] = {}
+        if self.importance is not None:
+            for m in self.importance.modules:
+                arrays[f"importance/scores/{m}"] = self.importance.scores[m]
+                arrays[f"importance/seen/{m}"] = self.importance.seen[m]
+        if self.blocks.salience is not None:
+            arrays["blocks/salience"] = self.blocks.salience
+        return meta, arrays
+
+    def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.profiles = {
+            int(n): ClientProfile.from_mapping(rec) for n, rec in meta.get("profiles", {}).items()
+        }
+        modules = meta.get("importance_modules")
+        if modules:
+            rank = len(arrays[f"importance/scores/{modules[0]}"])
+            self.importance = GlobalImportance(
+                modules,
+                rank,
+                self.importance_smoothing,
+                scores={m: arrays[f"importance/scores/{m}"].astype(np.float64) for m in modules},
+                seen={m: arrays[f"importance/seen/{m}"].astype(bool) for m in modules},
+            )
+        if "blocks/salience" in arrays:
+            self.blocks.salience = arrays["blocks/salience"].astype(np.float64)
 
     # ---------------------------------------------------------- Flower glue
     def _init_importance(self, global_state: LoraState) -> None:
