@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +168,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         )
     except CheckpointError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from err
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
             "start a fresh run (resume=\"\") or point 'resume' at another run directory"

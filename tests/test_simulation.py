@@ -172,3 +172,39 @@ def test_in_process_simulation_with_salience_block_precision(tmp_path):
     by_tier_acc = results["final"]["accuracy_by_tier"]
     assert set(by_tier_acc) == {"low", "mid", "high"}
     assert all(0.0 <= a <= 1.0 for a in by_tier_acc.values())
+
+
+def test_dropout_simulation_completes_and_records_what_happened(tmp_path):
+    """Clients fail at random (seeded) in the real Ray simulation: a round where every
+    client fails leaves the adapter unchanged, the others go on with who answered."""
+    from haflq_flower.client_app import drops_out
+
+    overrides = {
+        **TINY,
+        "num-server-rounds": 3,
+        "simulation.dropout": 0.6,
+        "output.dir": str(tmp_path / "run"),
+    }
+    expected = {r: [p for p in range(3) if drops_out(0, r, p, 0.6)] for r in (1, 2, 3)}
+    assert expected[1] == [0, 1, 2] and len(expected[2]) == len(expected[3]) == 1
+    run_simulation(
+        server_app=make_server_app(overrides),
+        client_app=make_client_app(overrides),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1}},
+    )
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    rounds = {r["round"]: r for r in results["rounds"]}
+    assert sorted(rounds) == [0, 1, 2, 3]
+    for r in (1, 2, 3):
+        statuses = sorted(c["status"] for c in rounds[r]["clients"])
+        assert statuses == sorted(["error"] * len(expected[r]) + ["ok"] * (3 - len(expected[r])))
+        ok = sorted(c["partition"] for c in rounds[r]["clients"] if c["status"] == "ok")
+        assert ok == [p for p in range(3) if p not in expected[r]]
+        assert all("dropped out" in x["reason"] for x in rounds[r]["rejected"])
+    assert rounds[1]["update"].startswith("skipped")
+    assert rounds[1]["accuracy"] == rounds[0]["accuracy"]  # nothing changed in round 1
+    assert rounds[2]["update"] == rounds[3]["update"] == "applied"
+    assert results["final"]["replies"] == {"error": 5, "ok": 4}
+    assert results["final"]["rounds_skipped"] == [1]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
