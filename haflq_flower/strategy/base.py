@@ -469,12 +469,13 @@ class LoRAStrategy(Strategy):
         for msg in replies:
             if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
                 continue
-            m = msg.content.metric_records[METRICS_KEY]
-            n = int(m.get(NUM_EXAMPLES, 0))
-            if n > 0:
+            m = dict(msg.content.metric_records[METRICS_KEY])
+            n = _number(m, NUM_EXAMPLES, int, 0)
+            accuracy = _number(m, "accuracy", float, -1.0)
+            if 0 < n <= self.max_examples and 0.0 <= accuracy <= 1.0:
                 total += n
-                acc += n * float(m.get("accuracy", 0.0))
-                loss += n * float(m.get("loss", 0.0))
+                acc += n * accuracy
+                loss += n * _number(m, "loss", float, 0.0)
         if total == 0:
             return None
         return MetricRecord({"accuracy": acc / total, "loss": loss / total, NUM_EXAMPLES: total})

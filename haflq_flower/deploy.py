@@ -1,0 +1,465 @@
+"""A real local deployment: SuperLink and SuperNodes with TLS and SuperNode authentication.
+
+What a user does on real devices, scripted on 127.0.0.1 (free ports) so that it can be
+tested:
+
+1. a self-signed CA and a server certificate for 127.0.0.1/localhost (``certs/``);
+2. an ECDSA P-384 key pair per SuperNode (``keys/``, OpenSSH format, which Flower needs);
+3. ``flower-superlink`` with TLS and ``--enable-supernode-auth``;
+4. the CLI connection (``root-certificates``) and ``flwr supernode register`` per public key;
+5. one ``flower-supernode`` per profile, each with its private key and its
+   ``--node-config`` (its device profile: tier, LoRA rank, memory, uplink, data partition);
+6. ``flwr run <app> deploy --stream``, then the run's final status from ``flwr list``;
+7. every process it started is stopped by PID (process group), also on errors.
+
+Optional, for tests and demonstrations: ``--unregistered`` starts one more SuperNode whose
+key was never registered (the SuperLink must refuse it), and ``--kill-node I
+--kill-after-round R`` kills SuperNode I (SIGKILL) once round R is in ``results.json``.
+
+Usage::
+
+    python -m haflq_flower.deploy --workdir /tmp/haflq-deploy \\
+        --node 'tier="low" lora-rank=2' --node 'tier="high" lora-rank=8' \\
+        --run-config 'strategy.name="haflq" num-server-rounds=2'
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import os
+import re
+import shlex
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .launch import _bin, flwr_env, free_port
+
+CONNECTION = "deploy"
+COMPLETED = "finished:completed"
+
+
+# ------------------------------------------------------------------ credentials
+def make_certificates(out: Path) -> tuple[Path, Path, Path]:
+    """A self-signed CA and a server certificate for 127.0.0.1 and localhost.
+
+    Returns (ca.crt, server.pem, server.key).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=30))
+
+    def write_key(path: Path, key) -> None:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        path.chmod(0o600)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "haflq-flower local CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (out / "ca.crt", out / "server.pem", out / "server.key")
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    write_key(paths[2], server_key)
+    write_key(out / "ca.key", ca_key)
+    return paths
+
+
+def make_supernode_key(out: Path, name: str) -> tuple[Path, Path]:
+    """An ECDSA P-384 key pair for SuperNode authentication: (private key, public key).
+
+    Flower reads the private key in OpenSSH format only (a PKCS8 PEM key is refused).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = out / name, out / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + b"\n"
+    )
+    return private, public
+
+
+# -------------------------------------------------------------------- processes
+@dataclass
+class Proc:
+    """A process this script started, in its own process group."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, grace: float = 20.0) -> None:
+        if not self.alive():
+            return
+        self.kill(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGKILL)
+            self.popen.wait(timeout=10)
+
+
+@dataclass
+class Deployment:
+    """The processes and files of one local deployment under ``workdir``."""
+
+    workdir: Path
+    procs: list[Proc] = field(default_factory=list)
+    port: int = 0
+    ca: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def cli_home(self) -> Path:
+        return self.workdir / "cli"
+
+    def _start(self, name: str, cmd: list[str], home: Path) -> Proc:
+        home.mkdir(parents=True, exist_ok=True)
+        log = self.workdir / f"{name}.log"
+        with open(log, "ab") as fh:
+            popen = subprocess.Popen(
+                cmd,
+                env=flwr_env(home),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=home,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_superlink(self, timeout: float = 90.0) -> Proc:
+        self.ca, cert, key = make_certificates(self.workdir / "certs")
+        self.port = free_port()
+        cmd = [_bin("flower-superlink"), "--ssl-ca-certfile", str(self.ca)]
+        cmd += ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+        cmd += ["--enable-supernode-auth", "--disable-runtime-dependency-installation"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--database", str(self.workdir / "superlink" / "state.db")]
+        proc = self._start("superlink", cmd, self.workdir / "superlink")
+        context = ssl.create_default_context(cafile=str(self.ca))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"flower-superlink exited; log:\n{proc.log.read_text()[-3000:]}")
+            try:
+                url = f"https://{self.address}/health"
+                with urllib.request.urlopen(url, timeout=1, context=context) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            raise RuntimeError(f"flower-superlink not healthy after {timeout:.0f}s")
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        (self.cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.address}"\nroot-certificates = "{self.ca}"\n'
+        )
+        return proc
+
+    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [_bin("flwr"), *args],
+            env=flwr_env(self.cli_home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def register(self, public_key: Path) -> str:
+        """``flwr supernode register``; returns the node id the SuperLink assigned."""
+        out = self.cli("supernode", "register", str(public_key), CONNECTION, "--format", "json")
+        try:
+            data = json.loads(out.stdout)
+        except json.JSONDecodeError:
+            data = {}
+        if not data.get("success"):  # --format json exits 0 even on failure
+            raise RuntimeError(f"registering {public_key} failed: {out.stdout}{out.stderr}")
+        return str(data["node-id"])
+
+    def start_supernode(self, name: str, private_key: Path, node_config: str) -> Proc:
+        cmd = [_bin("flower-supernode"), "--superlink", self.address]
+        cmd += ["--root-certificates", str(self.ca), "--auth-supernode-private-key"]
+        cmd += [str(private_key), "--node-config", node_config]
+        cmd += ["--host", "127.0.0.1", "--port", str(free_port())]
+        return self._start(name, cmd, self.workdir / name)
+
+    def run_status(self, run_id: int) -> str:
+        out = self.cli("list", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        try:
+            return str(json.loads(out.stdout)["runs"][0]["status"])
+        except (json.JSONDecodeError, KeyError, IndexError):
+            return f"unknown ({out.stdout.strip()[-300:]} {out.stderr.strip()[-300:]})"
+
+    def run(self, app_dir: Path, run_config: list[str], timeout: float) -> tuple[int | None, str]:
+        """``flwr run --stream`` (logs to stdout); returns (run id, final status)."""
+        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        for item in run_config:
+            cmd += ["--run-config", item]
+        print("+", shlex.join(cmd), flush=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=flwr_env(self.cli_home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
+        timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+        timer.start()
+        run_id = None
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                match = re.search(r"Successfully started run (\d+)", line)
+                if match:
+                    run_id = int(match.group(1))
+            proc.wait()
+        finally:
+            timer.cancel()
+        if run_id is None:
+            return None, f"not started (flwr run exited with {proc.returncode})"
+        status = self.run_status(run_id)
+        for _ in range(40):  # the stream can end a moment before the status is final
+            if status.startswith("finished"):
+                break
+            time.sleep(0.5)
+            status = self.run_status(run_id)
+        return run_id, status
+
+    def stop(self) -> None:
+        """Stop SuperNodes first, then the SuperLink (each with its process group)."""
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def _plaintext_refused(address: str) -> bool:
+    """True when the SuperLink does not answer plain HTTP (it only speaks TLS)."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/health", timeout=5):
+            return False
+    except OSError:
+        return True
+
+
+def _wait_for_nodes(dep: Deployment, count: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = dep.cli("supernode", "list", CONNECTION, "--format", "json")
+        try:
+            nodes = json.loads(out.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            nodes = []
+        if sum(1 for n in nodes if str(n.get("status", "")).lower() == "online") >= count:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"fewer than {count} SuperNodes online after {timeout:.0f}s")
+
+
+def _kill_after_round(proc: Proc, results: Path, after_round: int, stop: threading.Event):
+    """SIGKILL ``proc`` once ``results.json`` holds round ``after_round``."""
+    while not stop.wait(0.5):
+        try:
+            rounds = json.loads(results.read_text())["rounds"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if any(r["round"] >= after_round for r in rounds):
+            print(f"deploy: killing {proc.name} (SIGKILL) after round {after_round}", flush=True)
+            proc.kill()
+            return
+
+
+@dataclass
+class Report:
+    run_id: int | None
+    status: str
+    node_ids: dict[str, str]
+    refused: bool | None
+    plaintext_refused: bool
+    output_dir: Path
+    seconds: float
+
+
+def deploy(
+    workdir: Path,
+    node_configs: list[str],
+    run_config: list[str],
+    app_dir: Path,
+    unregistered: bool = False,
+    kill_node: int | None = None,
+    kill_after_round: int = 1,
+    timeout: float = 3600.0,
+) -> Report:
+    """Run the app on a local TLS + authenticated deployment; see the module docstring."""
+    start = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    output_dir = workdir / "outputs"
+    dep = Deployment(workdir)
+    stop_watch = threading.Event()
+    try:
+        dep.start_superlink()
+        plaintext_refused = _plaintext_refused(dep.address)
+        node_ids, nodes = {}, []
+        for i, node_config in enumerate(node_configs):
+            name = f"supernode-{i}"
+            private, public = make_supernode_key(workdir / "keys", name)
+            node_ids[name] = dep.register(public)
+            nodes.append(dep.start_supernode(name, private, node_config))
+            print(f"deploy: {name} (node {node_ids[name]}) --node-config {node_config!r}")
+        refused = None
+        if unregistered:
+            private, _ = make_supernode_key(workdir / "keys", "unregistered")
+            intruder = dep.start_supernode("unregistered", private, node_configs[0])
+        _wait_for_nodes(dep, len(nodes))
+        if unregistered:
+            try:
+                intruder.popen.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+            # refused = exited with an error, and the SuperLink names the unknown key
+            refused = (
+                not intruder.alive()
+                and intruder.popen.returncode != 0
+                and "Failed to activate SuperNode" in intruder.log.read_text()
+            )
+            print(f"deploy: SuperNode with an unregistered key refused: {refused}")
+        if kill_node is not None:
+            threading.Thread(
+                target=_kill_after_round,
+                args=(nodes[kill_node], output_dir / "results.json", kill_after_round, stop_watch),
+                daemon=True,
+            ).start()
+        run_id, status = dep.run(
+            app_dir, [f'output.dir="{output_dir}"', *run_config], timeout=timeout
+        )
+        return Report(
+            run_id,
+            status,
+            node_ids,
+            refused,
+            plaintext_refused,
+            output_dir,
+            time.perf_counter() - start,
+        )
+    finally:
+        stop_watch.set()
+        dep.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--app", default=".", help="Flower app directory (default: .)")
+    parser.add_argument("--workdir", required=True, help="certs, keys, logs, outputs go here")
+    parser.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        help="one SuperNode's --node-config (repeatable), e.g. 'tier=\"low\" lora-rank=2'; "
+        "partition-id/num-partitions are added unless given",
+    )
+    parser.add_argument("--run-config", action="append", default=[])
+    parser.add_argument("--unregistered", action="store_true")
+    parser.add_argument("--kill-node", type=int, default=None)
+    parser.add_argument("--kill-after-round", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    args = parser.parse_args(argv)
+    nodes = args.node or ['tier="low" lora-rank=2', 'tier="high" lora-rank=8']
+    node_configs = [
+        cfg if "partition-id" in cfg else f"{cfg} partition-id={i} num-partitions={len(nodes)}"
+        for i, cfg in enumerate(nodes)
+    ]
+    report = deploy(
+        Path(args.workdir).resolve(),
+        node_configs,
+        args.run_config,
+        Path(args.app).resolve(),
+        args.unregistered,
+        args.kill_node,
+        args.kill_after_round,
+        args.timeout,
+    )
+    print(
+        f"deploy: run {report.run_id} status {report.status} after {report.seconds:.0f}s; "
+        f"outputs in {report.output_dir}"
+    )
+    return 0 if report.status == COMPLETED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
