@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -105,3 +108,30 @@ def test_packaged_smollm2_converts_and_loads():
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 30 * 7
     assert tokenizer("hello")["input_ids"]
+
+
+def test_quantized_base_cache_gives_the_same_model(tiny_config):
+    """Deployed clients load the 4-bit base from disk instead of quantizing per message."""
+    import bitsandbytes as bnb
+
+    from haflq_flower.model import load_base_model
+
+    cfg = tiny_config(model__cache_dir=str(Path(os.environ["HAFLQ_CACHE_DIR"]) / "qcache"))
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    fresh, tok = load_base_model(cfg.model, 2, cpu)
+    torch.manual_seed(0)
+    first, _ = load_base_model(cfg.model, 2, cpu, cache_quantized=True)  # builds the cache
+    cached_dirs = [d for d in (cfg.model.cache_dir / "quantized").iterdir() if d.is_dir()]
+    assert len(cached_dirs) == 1 and (cached_dirs[0] / "config.json").exists()
+    second, tok2 = load_base_model(cfg.model, 2, cpu, cache_quantized=True)  # reads it
+    assert tok2.pad_token_id == tok.pad_token_id
+    for model in (first, second):
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        ref, got = fresh.state_dict(), model.state_dict()
+        assert sorted(ref) == sorted(got)
+        for key in ref:
+            assert torch.equal(ref[key], got[key]), key
+    batch = tok(["a short review"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, second(**batch).logits)

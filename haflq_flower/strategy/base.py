@@ -70,6 +70,8 @@ class ClientRoundStats:
     bytes_up: int = 0
     bytes_down: int = 0
     train_s: float = 0.0
+    # Seconds the client spent loading its model for this message (0 = reused in memory).
+    load_s: float = 0.0
     train_loss: float = float("nan")
     peak_mem_bytes: int = 0
     trainable_params: int = 0
@@ -308,6 +310,7 @@ class LoRAStrategy(Strategy):
         client.num_examples = num_examples
         # Informational metrics: a malformed one is recorded as missing, never fatal.
         client.train_s = _number(metrics, "train-s", float, 0.0)
+        client.load_s = _number(metrics, "load-s", float, 0.0)
         client.train_loss = _number(metrics, "train-loss", float, float("nan"))
         client.peak_mem_bytes = _number(metrics, "peak-mem-bytes", int, 0)
         client.trainable_params = _number(metrics, "trainable-params", int, 0)
