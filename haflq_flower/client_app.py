@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig, parse_run_config
-from .data import client_partition, load_task, tokenize
+from .data import client_partition, device_frame, load_task, tokenize
 from .logs import setup_logging
 from .lora.components import (
     check_selection,
@@ -98,8 +99,22 @@ def _partition(context: Context) -> tuple[int, int]:
         return int(node["partition-id"]), int(node["num-partitions"])
     except KeyError as err:
         raise ValueError(
-            f"node config lacks {err}; set partition-id and num-partitions in --node-config"
+            f"node config lacks {err}; set partition-id and num-partitions in --node-config, "
+            "or data-files (the device's own data)"
         ) from err
+
+
+def _client_data(context: Context, cfg: RunConfig) -> tuple[int, pd.DataFrame]:
+    """(id for seeds and reports, training rows) of this node: its own ``data-files``
+    when the node config names them (a real device), else its partition of the run's
+    dataset (simulation, or a device that takes a partition)."""
+    node = context.node_config
+    if "data-files" in node:
+        task = load_task(cfg.data)
+        pid = int(node.get("partition-id", 0))
+        return pid, device_frame(cfg.data, str(node["data-files"]), task.label_names)
+    pid, num_parts = _partition(context)
+    return pid, client_partition(cfg.data, pid, num_parts)
 
 
 class SimulatedDropout(RuntimeError):
@@ -138,7 +153,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     ``selection`` record are trained, and their deltas, indices and importance scores
     are sent back.
     """
-    pid, num_parts = _partition(context)
+    pid, frame = _client_data(context, cfg)
     node_cfg = msg.content[CONFIG_KEY]
     server_round = int(node_cfg.get("server-round", 0))
     if drops_out(cfg.seed, server_round, pid, cfg.dropout):
@@ -154,7 +169,6 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     task = load_task(cfg.data)
     block_bits = pattern_from_str(node_cfg["block-bits"]) if "block-bits" in node_cfg else None
     model, tokenizer = _model(cfg, task.num_labels, device, block_bits)
-    frame = client_partition(cfg.data, pid, num_parts)
 
     def run(after_backward=None) -> TrainResult:
         return train_local(
@@ -279,10 +293,9 @@ def handle_salience(msg: Message, context: Context, cfg: RunConfig) -> Message:
     The unquantized base is loaded for this message only (as a causal LM: the metric is
     the model's own next-token loss) and freed afterwards.
     """
-    pid, num_parts = _partition(context)
+    pid, frame = _client_data(context, cfg)
     query = msg.content[CONFIG_KEY]
     metric, rows = str(query["metric"]), int(query["rows"])
-    frame = client_partition(cfg.data, pid, num_parts)
     sample = frame.sample(n=min(rows, len(frame)), random_state=cfg.seed + pid)
     device = select_device()
     _MODEL_CACHE.clear()  # make room: calibration needs the unquantized model
@@ -305,12 +318,11 @@ def handle_salience(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the received adapter on this node's own partition."""
-    pid, num_parts = _partition(context)
+    pid, frame = _client_data(context, cfg)
     device = select_device()
     task = load_task(cfg.data)
     model, tokenizer = _model(cfg, task.num_labels, device, any_bits=True)
     load_trainable_state(model, from_array_record(msg.content[ARRAYS_KEY]))
-    frame = client_partition(cfg.data, pid, num_parts)
     loss, accuracy = evaluate(
         model,
         tokenizer,

@@ -240,6 +240,51 @@ def _partition_rows(cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
     return partition_indices(labels, num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
 
 
+def device_frame(cfg: DataConfig, files: str, label_names: tuple[str, ...]) -> pd.DataFrame:
+    """A device's own training rows from ``files`` (comma-separated csv/json(l)/parquet
+    paths on the device), with ``data.text-column``/``data.label-column``.
+
+    Labels are mapped to the ids of the run's task (``label_names``), not re-encoded per
+    file: a device that lacks a class must not shift the others. Integer labels are taken
+    as ids (also as strings), other values must be one of ``label_names``.
+    """
+    paths = [Path(f).expanduser() for f in _split(files)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise DataLoadError(f"node config data-files: not found: {', '.join(missing) or files!r}")
+    kinds = {p.suffix.lstrip(".").replace("jsonl", "json") for p in paths}
+    if len(kinds) != 1 or next(iter(kinds)) not in ("csv", "json", "parquet"):
+        raise DataLoadError(f"node config data-files must be .csv, .json(l) or .parquet: {kinds}")
+    frame = _from_datasets(
+        (next(iter(kinds)),),
+        {"data_files": [str(p) for p in paths]},
+        cfg.text_column,
+        cfg.label_column,
+    ).dropna(subset=["text", "label"])
+    if pd.api.types.is_integer_dtype(frame["label"]):
+        ids = frame["label"].astype(int)
+        bad = sorted(set(ids[(ids < 0) | (ids >= len(label_names))].tolist()))
+    else:
+        # names first; a plain integer string is an id (files mixing names and ids)
+        index = {str(i): i for i in range(len(label_names))}
+        index.update({name: i for i, name in enumerate(label_names)})
+        ids = frame["label"].astype(str).str.strip().map(index)
+        bad = sorted(set(frame["label"].astype(str)[ids.isna()].tolist()))
+    if bad:
+        raise DataLoadError(
+            f"node config data-files: label value(s) {bad[:5]} are not labels of the run's "
+            f"task {list(label_names)}"
+        )
+    out = pd.DataFrame({"text": frame["text"].astype(str), "label": ids.astype(int)})
+    if out.empty:
+        raise DataLoadError(f"node config data-files {files!r} hold no labeled row")
+    return out.reset_index(drop=True)
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
 def tokenize(
     tokenizer, texts: list[str], max_length: int, device: torch.device | None = None
 ) -> dict[str, torch.Tensor]:

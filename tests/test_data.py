@@ -97,3 +97,41 @@ def test_too_few_examples_for_test_split():
     frame = pd.DataFrame({"text": ["a", "b", "c"], "label": [0, 1, 1]})
     with pytest.raises(DataLoadError, match="Lower it"):
         balanced_test_split(frame, 1, seed=0)
+
+
+def test_device_data_files_keep_the_task_label_ids(tmp_path):
+    """A device's own file maps labels by the run's label names, even with a class missing."""
+    from flwr.app import Context, RecordDict
+
+    from haflq_flower.client_app import _client_data
+    from haflq_flower.config import parse_run_config
+    from haflq_flower.data import DataLoadError, device_frame
+
+    cfg = parse_run_config({"data.text-column": "review", "data.label-column": "verdict"})
+    names = ("rotten", "fresh")
+    only_fresh = tmp_path / "fresh.csv"
+    pd.DataFrame({"review": ["great", "superb"], "verdict": ["fresh", "fresh"]}).to_csv(
+        only_fresh, index=False
+    )
+    frame = device_frame(cfg.data, str(only_fresh), names)
+    assert frame["label"].tolist() == [1, 1] and frame["text"].tolist() == ["great", "superb"]
+    ints = tmp_path / "ints.csv"
+    pd.DataFrame({"review": ["a", "b"], "verdict": [0, 1]}).to_csv(ints, index=False)
+    both = device_frame(cfg.data, f"{only_fresh}, {ints}", names)
+    assert sorted(both["label"].tolist()) == [0, 1, 1, 1]
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"review": ["x"], "verdict": ["meh"]}).to_csv(bad, index=False)
+    with pytest.raises(DataLoadError, match="meh"):
+        device_frame(cfg.data, str(bad), names)
+    with pytest.raises(DataLoadError, match="not found"):
+        device_frame(cfg.data, str(tmp_path / "nope.csv"), names)
+
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"data-files": str(only_fresh), "partition-id": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+    pid, rows = _client_data(context, cfg)
+    assert pid == 3 and rows["label"].tolist() == [1, 1]
