@@ -20,6 +20,7 @@ from __future__ import annotations
 import bz2
 import functools
 import importlib.metadata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,20 +150,7 @@ def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, tuple[str, ...]]:
     if cfg.name == LOCAL or cfg.files:
         if not cfg.files:
             raise DataLoadError("data.name='local' needs data.files (comma-separated paths)")
-        paths = [Path(f).expanduser() for f in cfg.files]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise DataLoadError(f"data.files not found: {', '.join(missing)}")
-        kinds = {p.suffix.lstrip(".").replace("jsonl", "json") for p in paths}
-        if len(kinds) != 1 or next(iter(kinds)) not in ("csv", "json", "parquet"):
-            raise DataLoadError(f"data.files must all be .csv, .json(l) or .parquet; got {kinds}")
-        frame = _from_datasets(
-            (next(iter(kinds)),),
-            {"data_files": [str(p) for p in paths]},
-            cfg.text_column,
-            cfg.label_column,
-        )
-        return _encode_labels(frame)
+        return _encode_labels(_read_files(cfg, cfg.files, "data.files"))
     frame = _from_datasets((cfg.name,), {}, cfg.text_column, cfg.label_column)
     return _encode_labels(frame)
 
@@ -240,6 +228,23 @@ def _partition_rows(cfg: DataConfig, num_partitions: int) -> list[np.ndarray]:
     return partition_indices(labels, num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed)
 
 
+def _read_files(cfg: DataConfig, files: Sequence[str], what: str) -> pd.DataFrame:
+    """Rows (``text``, raw ``label``) of local csv/json(l)/parquet files of one kind."""
+    paths = [Path(f).expanduser() for f in files]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataLoadError(f"{what} not found: {', '.join(missing)}")
+    kinds = {p.suffix.lstrip(".").replace("jsonl", "json") for p in paths}
+    if len(kinds) != 1 or next(iter(kinds)) not in ("csv", "json", "parquet"):
+        raise DataLoadError(f"{what} must all be .csv, .json(l) or .parquet; got {kinds}")
+    return _from_datasets(
+        (next(iter(kinds)),),
+        {"data_files": [str(p) for p in paths]},
+        cfg.text_column,
+        cfg.label_column,
+    )
+
+
 def device_frame(cfg: DataConfig, files: str, label_names: tuple[str, ...]) -> pd.DataFrame:
     """A device's own training rows from ``files`` (comma-separated csv/json(l)/parquet
     paths on the device), with ``data.text-column``/``data.label-column``.
@@ -248,19 +253,10 @@ def device_frame(cfg: DataConfig, files: str, label_names: tuple[str, ...]) -> p
     file: a device that lacks a class must not shift the others. Integer labels are taken
     as ids (also as strings), other values must be one of ``label_names``.
     """
-    paths = [Path(f).expanduser() for f in _split(files)]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if not paths or missing:
-        raise DataLoadError(f"node config data-files: not found: {', '.join(missing) or files!r}")
-    kinds = {p.suffix.lstrip(".").replace("jsonl", "json") for p in paths}
-    if len(kinds) != 1 or next(iter(kinds)) not in ("csv", "json", "parquet"):
-        raise DataLoadError(f"node config data-files must be .csv, .json(l) or .parquet: {kinds}")
-    frame = _from_datasets(
-        (next(iter(kinds)),),
-        {"data_files": [str(p) for p in paths]},
-        cfg.text_column,
-        cfg.label_column,
-    ).dropna(subset=["text", "label"])
+    names = _split(files)
+    if not names:
+        raise DataLoadError("node config data-files names no file")
+    frame = _read_files(cfg, names, "node config data-files").dropna(subset=["text", "label"])
     if pd.api.types.is_integer_dtype(frame["label"]):
         ids = frame["label"].astype(int)
         bad = sorted(set(ids[(ids < 0) | (ids >= len(label_names))].tolist()))

@@ -30,8 +30,6 @@ import datetime
 import ipaddress
 import json
 import os
-import re
-import shlex
 import signal
 import ssl
 import subprocess
@@ -42,7 +40,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .launch import _bin, flwr_env, free_port
+from .launch import _bin, flwr_env, free_port, stream_run
 
 CONNECTION = "deploy"
 COMPLETED = "finished:completed"
@@ -258,50 +256,12 @@ class Deployment:
         cmd += ["--host", "127.0.0.1", "--port", str(free_port())]
         return self._start(name, cmd, self.workdir / name)
 
-    def run_status(self, run_id: int) -> str:
-        out = self.cli("list", CONNECTION, "--run-id", str(run_id), "--format", "json")
-        try:
-            return str(json.loads(out.stdout)["runs"][0]["status"])
-        except (json.JSONDecodeError, KeyError, IndexError):
-            return f"unknown ({out.stdout.strip()[-300:]} {out.stderr.strip()[-300:]})"
-
     def run(self, app_dir: Path, run_config: list[str], timeout: float) -> tuple[int | None, str]:
         """``flwr run --stream`` (logs to stdout); returns (run id, final status)."""
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         for item in run_config:
             cmd += ["--run-config", item]
-        print("+", shlex.join(cmd), flush=True)
-        proc = subprocess.Popen(
-            cmd,
-            env=flwr_env(self.cli_home),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            start_new_session=True,
-        )
-        timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
-        timer.start()
-        run_id = None
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                match = re.search(r"Successfully started run (\d+)", line)
-                if match:
-                    run_id = int(match.group(1))
-            proc.wait()
-        finally:
-            timer.cancel()
-        if run_id is None:
-            return None, f"not started (flwr run exited with {proc.returncode})"
-        status = self.run_status(run_id)
-        for _ in range(40):  # the stream can end a moment before the status is final
-            if status.startswith("finished"):
-                break
-            time.sleep(0.5)
-            status = self.run_status(run_id)
-        return run_id, status
+        return stream_run(self.cli_home, cmd, timeout, CONNECTION)
 
     def stop(self) -> None:
         """Stop SuperNodes first, then the SuperLink (each with its process group)."""

@@ -144,10 +144,10 @@ def start_superlink(flwr_home: Path, startup_timeout: float = 60.0) -> SuperLink
     raise SystemExit(f"error: flower-superlink did not become healthy in {startup_timeout:.0f}s")
 
 
-def run_status(flwr_home: Path, run_id: int) -> str:
+def run_status(flwr_home: Path, run_id: int, connection: str = CONNECTION) -> str:
     """The run's status string as the SuperLink reports it (e.g. 'finished:completed')."""
     out = subprocess.run(
-        [_bin("flwr"), "list", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        [_bin("flwr"), "list", connection, "--run-id", str(run_id), "--format", "json"],
         env=flwr_env(flwr_home),
         capture_output=True,
         text=True,
@@ -158,6 +158,44 @@ def run_status(flwr_home: Path, run_id: int) -> str:
         return str(data["runs"][0]["status"])
     except (json.JSONDecodeError, KeyError, IndexError):
         return f"unknown ({out.stdout.strip()[-500:]} {out.stderr.strip()[-500:]})"
+
+
+def stream_run(
+    flwr_home: Path, cmd: list[str], timeout: float, connection: str = CONNECTION
+) -> tuple[int | None, str]:
+    """Run ``flwr run ... --stream`` with its logs on stdout, then return (run id, final
+    status): ``flwr run --stream`` exits 0 even when the run failed."""
+    print("+", shlex.join(cmd), flush=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=flwr_env(flwr_home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    run_id = None
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        match = re.search(r"Successfully started run (\d+)", line)
+        if match:
+            run_id = int(match.group(1))
+        if time.monotonic() > deadline:
+            proc.kill()
+            print(f"error: run exceeded {timeout:.0f}s; stopped", file=sys.stderr)
+            break
+    proc.wait()
+    if run_id is None:
+        return None, f"not started (flwr run exited with {proc.returncode})"
+    status = run_status(flwr_home, run_id, connection)
+    for _ in range(40):  # the stream can end a moment before the status is final
+        if status.startswith("finished"):
+            break
+        time.sleep(0.5)
+        status = run_status(flwr_home, run_id, connection)
+    return run_id, status
 
 
 def run_app(
@@ -180,37 +218,7 @@ def run_app(
         cmd += ["--federation-config", fed]
         for item in run_config:
             cmd += ["--run-config", item]
-        print("+", shlex.join(cmd), flush=True)
-        run_id = None
-        proc = subprocess.Popen(
-            cmd,
-            env=flwr_env(flwr_home),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        deadline = time.monotonic() + timeout
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            match = re.search(r"Successfully started run (\d+)", line)
-            if match:
-                run_id = int(match.group(1))
-            if time.monotonic() > deadline:
-                proc.kill()
-                print(f"error: run exceeded {timeout:.0f}s; stopped", file=sys.stderr)
-                break
-        proc.wait()
-        if run_id is None:
-            return None, f"not started (flwr run exited with {proc.returncode})"
-        status = run_status(flwr_home, run_id)
-        for _ in range(20):  # the stream can end a moment before the status is final
-            if status.startswith("finished"):
-                break
-            time.sleep(0.5)
-            status = run_status(flwr_home, run_id)
-        return run_id, status
+        return stream_run(flwr_home, cmd, timeout)
     finally:
         link.stop()
 
