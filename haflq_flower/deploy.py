@@ -47,8 +47,11 @@ COMPLETED = "finished:completed"
 
 
 # ------------------------------------------------------------------ credentials
-def make_certificates(out: Path) -> tuple[Path, Path, Path]:
-    """A self-signed CA and a server certificate for 127.0.0.1 and localhost.
+def make_certificates(
+    out: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> tuple[Path, Path, Path]:
+    """A self-signed CA and a server certificate valid for ``hosts`` (IP addresses or DNS
+    names: every address the SuperNodes and the CLI dial). Valid for 30 days.
 
     Returns (ca.crt, server.pem, server.key).
     """
@@ -94,9 +97,7 @@ def make_certificates(out: Path) -> tuple[Path, Path, Path]:
         .not_valid_before(valid[0])
         .not_valid_after(valid[1])
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([_san(h) for h in hosts]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -109,6 +110,15 @@ def make_certificates(out: Path) -> tuple[Path, Path, Path]:
     write_key(paths[2], server_key)
     write_key(out / "ca.key", ca_key)
     return paths
+
+
+def _san(host: str):
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def make_supernode_key(out: Path, name: str) -> tuple[Path, Path]:
@@ -385,7 +395,20 @@ def deploy(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--app", default=".", help="Flower app directory (default: .)")
-    parser.add_argument("--workdir", required=True, help="certs, keys, logs, outputs go here")
+    parser.add_argument("--workdir", help="certs, keys, logs, outputs go here")
+    parser.add_argument(
+        "--make-credentials",
+        metavar="DIR",
+        help="only write a CA, a server certificate for --host and one key pair per "
+        "--key into DIR (for real machines), then exit",
+    )
+    parser.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="address the SuperLink is reached at (repeatable; with --make-credentials)",
+    )
+    parser.add_argument("--key", action="append", default=[], help="a SuperNode key name")
     parser.add_argument(
         "--node",
         action="append",
@@ -399,6 +422,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-after-round", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=3600.0)
     args = parser.parse_args(argv)
+    if args.make_credentials:
+        out = Path(args.make_credentials).resolve()
+        hosts = tuple(args.host) or ("127.0.0.1", "localhost")
+        for path in make_certificates(out / "certs", hosts):
+            print(f"wrote {path}")
+        for name in args.key:
+            for path in make_supernode_key(out / "keys", name):
+                print(f"wrote {path}")
+        print(
+            f"certificate valid for {', '.join(hosts)}; register the .pub keys with "
+            "`flwr supernode register <key>.pub <connection>`"
+        )
+        return 0
+    if not args.workdir:
+        parser.error("--workdir is required (or use --make-credentials DIR)")
     nodes = args.node or ['tier="low" lora-rank=2', 'tier="high" lora-rank=8']
     node_configs = [
         cfg if "partition-id" in cfg else f"{cfg} partition-id={i} num-partitions={len(nodes)}"

@@ -58,3 +58,28 @@ def test_a_node_that_dies_mid_run_does_not_stop_it(tmp_path):
     # the dead node is either reported as failed by the SuperLink or already gone
     assert all(c["status"] in ("ok", "error", "no reply") for c in second)
     assert rounds[2]["update"] == "applied"
+
+
+def test_credentials_for_a_real_server(tmp_path):
+    """--make-credentials: a CA-signed server certificate for the given addresses and
+    OpenSSH-format P-384 SuperNode keys (Flower refuses PKCS8)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from haflq_flower.deploy import main
+
+    args = ["--make-credentials", str(tmp_path), "--host", "fl.example.org"]
+    assert main([*args, "--host", "10.0.0.5", "--key", "jetson-1"]) == 0
+    ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    cert.verify_directly_issued_by(ca)
+    private = (tmp_path / "keys" / "jetson-1").read_bytes()
+    assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    key = serialization.load_ssh_private_key(private, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    public = (tmp_path / "keys" / "jetson-1.pub").read_text()
+    assert public.startswith("ecdsa-sha2-nistp384 ")
