@@ -18,7 +18,7 @@ key was never registered (the SuperLink must refuse it), and ``--kill-node I
 
 Usage::
 
-    python -m haflq_flower.deploy --workdir /tmp/haflq-deploy \\
+    python -m haflq_flower.deploy --workdir "$(mktemp -d)" \\
         --node 'tier="low" lora-rank=2' --node 'tier="high" lora-rank=8' \\
         --run-config 'strategy.name="haflq" num-server-rounds=2'
 """
@@ -40,7 +40,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .launch import _bin, flwr_env, free_port, stream_run
+from .launch import _bin, flwr_env, free_port, spawn, stream_run
 
 CONNECTION = "deploy"
 COMPLETED = "finished:completed"
@@ -194,18 +194,8 @@ class Deployment:
         return self.workdir / "cli"
 
     def _start(self, name: str, cmd: list[str], home: Path) -> Proc:
-        home.mkdir(parents=True, exist_ok=True)
         log = self.workdir / f"{name}.log"
-        with open(log, "ab") as fh:
-            popen = subprocess.Popen(
-                cmd,
-                env=flwr_env(home),
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                cwd=home,
-                start_new_session=True,
-            )
-        proc = Proc(name, popen, log)
+        proc = Proc(name, spawn(cmd, home, log), log)
         self.procs.append(proc)
         return proc
 

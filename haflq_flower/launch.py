@@ -99,6 +99,22 @@ def write_connection(flwr_home: Path, address: str) -> None:
     )
 
 
+def spawn(cmd: list[str], flwr_home: Path, log_path: Path) -> subprocess.Popen:
+    """Start a Flower process with its own ``FLWR_HOME`` (also its working directory),
+    output appended to ``log_path``, in its own process group (stopping the group
+    takes its children too)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            cmd,
+            env=flwr_env(flwr_home),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=flwr_home,
+            start_new_session=True,
+        )
+
+
 def start_superlink(flwr_home: Path, startup_timeout: float = 60.0) -> SuperLink:
     port = free_port()
     log_path = flwr_home / "superlink.log"
@@ -115,15 +131,7 @@ def start_superlink(flwr_home: Path, startup_timeout: float = 60.0) -> SuperLink
         str(port),
         "--disable-runtime-dependency-installation",
     ]
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            cmd,
-            env=flwr_env(flwr_home),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=flwr_home,
-            start_new_session=True,  # own process group: stop() takes its children too
-        )
+    process = spawn(cmd, flwr_home, log_path)
     link = SuperLink(process, port, log_path)
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:

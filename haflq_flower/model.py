@@ -295,8 +295,9 @@ def load_base_model(
     ``cache_quantized``: keep the 4-bit model (its packed weights and quantization
     statistics, and the head as first initialized) in ``model.cache-dir/quantized`` and
     load it from there next time, which skips quantizing (3.6 s -> 0.5 s for
-    SmolLM2-135M on our 2-core CPU; 17 s while another job shared the cores). Only for callers that overwrite the head and LoRA state afterwards, i.e.
-    clients: the head and the following LoRA init would not see the same RNG.
+    SmolLM2-135M on our 2-core CPU; 17 s while another job shared the cores). Only for
+    callers that overwrite the head and LoRA state afterwards, i.e. clients: the head and
+    the following LoRA init would not see the same RNG.
     """
     device = device or select_device()
     path = resolve_model_path(cfg)

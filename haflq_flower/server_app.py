@@ -71,13 +71,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     initial_state = trainable_state(model)
     first_round = 1
     if cfg.resume is not None:
-        ckpt = _resume(cfg)
-        try:
-            check_state(initial_state, ckpt.global_state)
-        except ValueError as err:
-            raise CheckpointError(
-                f"the checkpoint in {cfg.resume} does not fit this model and LoRA config: {err}"
-            ) from err
+        ckpt = _resume(cfg, initial_state)
         strategy.load_state_dict(ckpt.strategy_meta, ckpt.strategy_arrays)
         initial_state = ckpt.global_state
         first_round = ckpt.round + 1
@@ -140,9 +134,16 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     return final
 
 
-def _resume(cfg: RunConfig):
-    """The checkpoint of the run directory ``cfg.resume``, checked against ``cfg``."""
+def _resume(cfg: RunConfig, model_state: dict):
+    """The checkpoint of the run directory ``cfg.resume``, checked against ``cfg`` and
+    against the model's adapter state (keys and shapes)."""
     ckpt = load_checkpoint(cfg.resume)
+    try:
+        check_state(model_state, ckpt.global_state)
+    except ValueError as err:
+        raise CheckpointError(
+            f"the checkpoint in {cfg.resume} does not fit this model and LoRA config: {err}"
+        ) from err
     diffs = config_differences(ckpt.config, cfg.to_dict())
     if diffs:
         raise ConfigError(

@@ -112,8 +112,11 @@ def test_resume_refuses_a_different_experiment(tmp_path, change, message):
     run_dir.mkdir()
     cfg = parse_run_config({**TINY, "output.dir": str(run_dir)})
     results = {"rounds": [{"round": 2, "accuracy": 0.5}]}
-    save_checkpoint(run_dir, 2, cfg.to_dict(), {"x": np.zeros(2)}, ({}, {}), results, 1.0)
+    state = {"x": np.zeros(2, np.float32)}
+    save_checkpoint(run_dir, 2, cfg.to_dict(), state, ({}, {}), results, 1.0)
     ok = parse_run_config({**TINY, "resume": str(run_dir), "num-server-rounds": 5})
-    assert _resume(ok).round == 2 and ok.output_dir == run_dir
+    assert _resume(ok, state).round == 2 and ok.output_dir == run_dir
+    with pytest.raises(CheckpointError, match="does not fit"):
+        _resume(ok, {"x": np.zeros(3, np.float32)})
     with pytest.raises(ConfigError, match=message):
-        _resume(parse_run_config({**TINY, **change, "resume": str(run_dir)}))
+        _resume(parse_run_config({**TINY, **change, "resume": str(run_dir)}), state)

@@ -273,7 +273,7 @@ class LoRAStrategy(Strategy):
         log.warning("round %d: reply from node %d rejected: %s", stats.round, node_id, reason)
         stats.rejected.append({"node": node_id, "reason": reason})
         if node_id in stats.clients:
-            stats.clients[node_id].status = "rejected"
+            stats.clients[node_id].status = STATUS_REJECTED
 
     def parse_reply(self, msg: Message, stats: RoundStats) -> ClientUpdate | None:
         """Validate one training reply; ``None`` (and a logged reason) if unusable."""
