@@ -25,8 +25,9 @@ from .lora.components import (
     module_rank,
     scatter,
 )
+from .lora.merge import merge_stacks
 from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
-from .lora.view import FREEZE, MODES, component_view
+from .lora.view import FREEZE, MODES, component_view, frozen_a
 from .model import (
     load_calibration_model,
     load_lora_model,
@@ -40,6 +41,8 @@ from .quant.payload import components_from_delta, decode_downlink, encode_within
 from .quant.salience import block_salience
 from .strategy.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
 from .strategy.blocks import SALIENCE_KEY
+from .strategy.ffa import FREEZE_A, trainable_part
+from .strategy.flora import MERGE_KEY
 from .strategy.haflq import (
     DOWN_KEY,
     PAYLOAD_KEY,
@@ -185,11 +188,16 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             after_backward=after_backward,
         )
 
+    _merge(model, msg)
     if not mode:
         received = from_array_record(msg.content[ARRAYS_KEY])
         load_trainable_state(model, received)
-        result = run()
-        records, extra_metrics = {ARRAYS_KEY: to_array_record(trainable_state(model))}, {}
+        freeze_a = bool(node_cfg.get(FREEZE_A, False))  # FFA-LoRA
+        with frozen_a(model, freeze_a):
+            result = run()
+        state = trainable_state(model)
+        records = {ARRAYS_KEY: to_array_record(trainable_part(state) if freeze_a else state)}
+        extra_metrics = {}
     else:
         result, records, extra_metrics = _train_components(
             msg,
@@ -206,6 +214,15 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     metrics["load-s"] = _LAST_LOAD_S
     reply = RecordDict({**records, METRICS_KEY: metrics})
     return Message(content=reply, reply_to=msg)
+
+
+def _merge(model, msg: Message) -> None:
+    """FLoRA: merge the stacked adapters of past rounds into the base weights (or restore
+    the pristine base when the message carries none)."""
+    merge = msg.content.array_records.get(MERGE_KEY)
+    rank = merge_stacks(model, None if merge is None else record_to_arrays(merge))
+    if rank:
+        log.info("merged stacked adapters of rank %d into the base", rank)
 
 
 def _train_components(msg, model, mode: str, run, cfg: RunConfig, rng):
@@ -322,6 +339,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     device = select_device()
     task = load_task(cfg.data)
     model, tokenizer = _model(cfg, task.num_labels, device, any_bits=True)
+    _merge(model, msg)
     load_trainable_state(model, from_array_record(msg.content[ARRAYS_KEY]))
     loss, accuracy = evaluate(
         model,

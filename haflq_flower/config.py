@@ -266,10 +266,10 @@ def _strategy_names() -> tuple[str, ...]:
     return tuple(STRATEGIES)
 
 
-def _supports_blocks(name: str) -> bool:
-    from .strategy import STRATEGIES, HAFLQStrategy
+def _strategy_class(name: str):
+    from .strategy import STRATEGIES
 
-    return issubclass(STRATEGIES[name], HAFLQStrategy)
+    return STRATEGIES[name]
 
 
 def _compute_dtype(cfg: Mapping[str, Any]) -> str:
@@ -412,13 +412,6 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         calibration_clients=_positive(cfg, "blocks.calibration-clients", int),
     )
     strategy_name = _choice(cfg, "strategy.name", _strategy_names())
-    if blocks.enabled and not _supports_blocks(strategy_name):
-        raise ConfigError(
-            f"run config 'blocks.precision={blocks.precision}' needs a strategy that assigns "
-            f"per-client block precision (haflq, hetlora or a subclass); strategy.name is "
-            f"{strategy_name!r}. Use blocks.precision=off with it, or model.quantization "
-            "for a uniform base."
-        )
     strategy = StrategyConfig(
         name=strategy_name,
         mode=_choice(cfg, "strategy.mode", MODES),
@@ -462,7 +455,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             )
         output_dir = resume
 
-    return RunConfig(
+    run_config = RunConfig(
         num_rounds=_positive(cfg, "num-server-rounds", int),
         seed=seed,
         model=model,
@@ -477,3 +470,5 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         resume=resume,
         dropout=dropout,
     )
+    _strategy_class(strategy_name).check_run_config(run_config)
+    return run_config

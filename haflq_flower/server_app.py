@@ -19,6 +19,7 @@ from .checkpoint import (
 from .config import ConfigError, RunConfig, parse_run_config
 from .data import load_task
 from .logs import setup_logging
+from .lora.merge import merge_stacks
 from .lora.state import (
     check_state,
     from_array_record,
@@ -85,6 +86,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Evaluate the global adapter, record the round, then checkpoint it."""
         state = from_array_record(arrays)
+        merge_stacks(model, strategy.base_merge())
         load_trainable_state(model, state)
         loss, accuracy = _test_accuracy(
             cfg, model, tokenizer, task, device, f"server eval round {server_round}"

@@ -259,7 +259,9 @@ def test_a_registered_subclass_is_built_from_the_run_config(monkeypatch):
     from haflq_flower import strategy as registry
     from haflq_flower.config import ConfigError, parse_run_config
 
-    with pytest.raises(ConfigError, match="allowed: fedit, haflq, hetlora"):
+    with pytest.raises(
+        ConfigError, match="allowed: fedit, fedit-trunc, ffa-lora, flexlora, flora, haflq, hetlora"
+    ):
         parse_run_config({"strategy.name": "round-robin"})
     monkeypatch.setitem(registry.STRATEGIES, "round-robin", RoundRobinSelection)
     cfg = parse_run_config({"strategy.name": "round-robin", "strategy.mode": "truncate"})

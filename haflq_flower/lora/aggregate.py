@@ -5,7 +5,12 @@
   adaptive (each component averaged over the clients that uploaded it) or zero-padded
   (missing components count as a zero delta over every participant: the dilution
   baseline).
-- :func:`aggregate_hetlora`: HetLoRA's zero-padded, norm-weighted average of *values*.
+- :func:`aggregate_padded_values`: zero-padded average of truncated client *values*,
+  with HetLoRA's norm weights (:func:`aggregate_hetlora`) or FedAvg's n_k weights
+  (FedIT with heterogeneous ranks by truncation).
+- :func:`aggregate_flexlora`: FlexLoRA's SVD of the aggregated full-size update.
+- :func:`stack_flora`: FLoRA's stacking of client factors (exact).
+- :func:`aggregate_ffa`: FFA-LoRA's average of B with A frozen (exact).
 
 Every function computes in float64 and returns float32 arrays.
 """
@@ -145,6 +150,29 @@ def hetlora_weights(values: Sequence[LoraState], module: str) -> np.ndarray:
     return norms / norms.sum()
 
 
+def client_values(global_state: LoraState, up: ComponentUpload) -> LoraState:
+    """The LoRA factors a client ended with: the global components it received plus its
+    deltas, in selection order (``A_k``: r_k x d_in, ``B_k``: d_out x r_k), float64."""
+    v: LoraState = OrderedDict()
+    for m in lora_modules(global_state):
+        idx = up.selection[m]
+        v[a_key(m)] = global_state[a_key(m)][idx, :].astype(np.float64) + up.delta[a_key(m)]
+        v[b_key(m)] = global_state[b_key(m)][:, idx].astype(np.float64) + up.delta[b_key(m)]
+    return v
+
+
+def _fedavg_head(
+    global_state: LoraState, uploads: Sequence[ComponentUpload], out: LoraState
+) -> LoraState:
+    """FedAvg (n_k weights) of the non-LoRA parameters' deltas into ``out``; returns
+    ``out`` in the global state's key order, float32."""
+    p = _normalized([u.weight for u in uploads])
+    for key in other_keys(global_state):
+        delta = sum(pk * up.delta[key] for pk, up in zip(p, uploads, strict=True))
+        out[key] = global_state[key] + delta
+    return OrderedDict((k, np.asarray(out[k], dtype=np.float32)) for k in global_state)
+
+
 def aggregate_hetlora(global_state: LoraState, uploads: Sequence[ComponentUpload]) -> LoraState:
     """HetLoRA: zero-pad every client's truncated factors to R and average the *values*.
 
@@ -153,32 +181,111 @@ def aggregate_hetlora(global_state: LoraState, uploads: Sequence[ComponentUpload
     dilution the paper criticizes). Client values are the global components they
     received plus their deltas. The head is FedAvg'd with ``n_k`` weights.
     """
+    return aggregate_padded_values(global_state, uploads, "norm")
+
+
+def aggregate_padded_values(
+    global_state: LoraState, uploads: Sequence[ComponentUpload], weighting: str
+) -> LoraState:
+    """Zero-padded average of the clients' truncated factor *values*, per module.
+
+    ``A = sum_k w_k pad(A_k)``, ``B = sum_k w_k pad(B_k)`` with ``weighting`` = ``norm``
+    (HetLoRA: ``w_k ~ ||B_k A_k||_F``) or ``examples`` (FedIT with truncated ranks:
+    ``w_k = n_k / sum_j n_j``). A component held by some clients only is diluted by the
+    others' zeros. The head is FedAvg'd with ``n_k`` weights.
+    """
     if not uploads:
-        raise ValueError("aggregate_hetlora needs at least one upload")
+        raise ValueError("aggregate_padded_values needs at least one upload")
+    if weighting not in ("norm", "examples"):
+        raise ValueError(f"weighting must be 'norm' or 'examples', got {weighting!r}")
     out: LoraState = OrderedDict()
     modules = lora_modules(global_state)
-    values: list[LoraState] = []
-    for up in uploads:
-        v: LoraState = OrderedDict()
-        for m in modules:
-            idx = up.selection[m]
-            v[a_key(m)] = global_state[a_key(m)][idx, :] + up.delta[a_key(m)]
-            v[b_key(m)] = global_state[b_key(m)][:, idx] + up.delta[b_key(m)]
-        values.append(v)
+    values = [client_values(global_state, up) for up in uploads]
+    p = _normalized([u.weight for u in uploads])
     for m in modules:
-        w = hetlora_weights(values, m)
+        w = hetlora_weights(values, m) if weighting == "norm" else p
         ak, bk = a_key(m), b_key(m)
         acc_a = np.zeros(global_state[ak].shape, dtype=np.float64)
         acc_b = np.zeros(global_state[bk].shape, dtype=np.float64)
         for wk, up, v in zip(w, uploads, values, strict=True):
             acc_a[up.selection[m], :] += wk * v[ak]
             acc_b[:, up.selection[m]] += wk * v[bk]
-        out[ak], out[bk] = acc_a.astype(np.float32), acc_b.astype(np.float32)
+        out[ak], out[bk] = acc_a, acc_b
+    return _fedavg_head(global_state, uploads, out)
+
+
+def aggregate_flexlora(global_state: LoraState, uploads: Sequence[ComponentUpload]) -> LoraState:
+    """FlexLoRA: the weighted sum of every client's full-size LoRA product, re-factored by
+    SVD to the global rank R.
+
+    Per module, ``M = sum_k p_k B_k A_k`` (d_out x d_in; the scale ``s = alpha/R`` is the
+    same for every client, so ``s M`` is the aggregated weight update), ``U, S, V^T =
+    svd(M)`` (of M itself, not of its transpose), then ``B = U[:, :R] diag(S[:R])`` and
+    ``A = V^T[:R, :]``, so ``s B A`` is the best rank-R approximation of ``s M``. A client
+    of rank r_k then receives the first r_k components (:func:`first_selection`): its
+    share of the top singular directions. The head is FedAvg'd.
+    """
+    if not uploads:
+        raise ValueError("aggregate_flexlora needs at least one upload")
     p = _normalized([u.weight for u in uploads])
-    for key in other_keys(global_state):
-        delta = sum(pk * up.delta[key] for pk, up in zip(p, uploads, strict=True))
-        out[key] = (global_state[key] + delta).astype(np.float32)
-    return OrderedDict((k, out[k]) for k in global_state)
+    out: LoraState = OrderedDict()
+    for m in lora_modules(global_state):
+        ak, bk = a_key(m), b_key(m)
+        rank = global_state[ak].shape[0]
+        product = np.zeros((global_state[bk].shape[0], global_state[ak].shape[1]))
+        for pk, up in zip(p, uploads, strict=True):
+            v = client_values(global_state, up)
+            product += pk * (v[bk] @ v[ak])
+        u, sv, vt = np.linalg.svd(product, full_matrices=False)
+        keep = min(rank, len(sv))
+        b_new = np.zeros(global_state[bk].shape)
+        a_new = np.zeros(global_state[ak].shape)
+        b_new[:, :keep] = u[:, :keep] * sv[None, :keep]
+        a_new[:keep, :] = vt[:keep, :]
+        out[ak], out[bk] = a_new, b_new
+    return _fedavg_head(global_state, uploads, out)
+
+
+def stack_flora(
+    global_state: LoraState, uploads: Sequence[ComponentUpload]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """FLoRA's stacking, per module: ``(B_stack, A_stack)`` with
+    ``A_stack = [p_1 A_1; ...; p_K A_K]`` (sum r_k x d_in) and ``B_stack = [B_1 ... B_K]``
+    (d_out x sum r_k), so that ``B_stack A_stack = sum_k p_k B_k A_k`` exactly. Clients
+    merge ``s B_stack A_stack`` into their base weights. Float64."""
+    if not uploads:
+        raise ValueError("stack_flora needs at least one upload")
+    p = _normalized([u.weight for u in uploads])
+    values = [client_values(global_state, up) for up in uploads]
+    stacks = {}
+    for m in lora_modules(global_state):
+        a_stack = np.concatenate([pk * v[a_key(m)] for pk, v in zip(p, values, strict=True)])
+        b_stack = np.concatenate([v[b_key(m)] for v in values], axis=1)
+        stacks[m] = (b_stack, a_stack)
+    return stacks
+
+
+def aggregate_ffa(
+    global_state: LoraState, states: Sequence[LoraState], weights: Sequence[float]
+) -> LoraState:
+    """FFA-LoRA: ``B = sum_k p_k B_k`` with every A frozen at the shared initial value
+    (kept from ``global_state``), so ``B A = sum_k p_k B_k A`` exactly. ``states`` hold
+    each client's B factors and head (no A: it is never sent). The head is FedAvg'd."""
+    if not states:
+        raise ValueError("aggregate_ffa needs at least one state")
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    p = _normalized(weights)
+    out: LoraState = OrderedDict()
+    for key, value in global_state.items():
+        if key.endswith(A_SUFFIX):
+            out[key] = value.astype(np.float32)
+            continue
+        acc = np.zeros(value.shape, dtype=np.float64)
+        for pk, state in zip(p, states, strict=True):
+            acc += pk * state[key]
+        out[key] = acc.astype(np.float32)
+    return out
 
 
 __all__ = [
@@ -190,8 +297,13 @@ __all__ = [
     "Selection",
     "ZERO_PAD",
     "aggregate_components",
+    "aggregate_ffa",
+    "aggregate_flexlora",
     "aggregate_hetlora",
+    "aggregate_padded_values",
+    "client_values",
     "component_counts",
     "hetlora_weights",
+    "stack_flora",
     "weighted_average",
 ]

@@ -167,3 +167,20 @@ def component_view(
                 lin_a.weight.index_copy_(0, fa.trainable_idx, fa.trainable.to(lin_a.weight.dtype))
                 lin_b.weight.index_copy_(1, fb.trainable_idx, fb.trainable.to(lin_b.weight.dtype))
             dict_a[adapter], dict_b[adapter] = lin_a, lin_b
+
+
+@contextmanager
+def frozen_a(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Inside the block, no ``lora_A`` weight of ``model`` gets a gradient or optimizer
+    state (FFA-LoRA trains B only); yields how many tensors were frozen."""
+    frozen = []
+    if enabled:
+        for name, param in model.named_parameters():
+            if ".lora_A." in name and param.requires_grad:
+                param.requires_grad_(False)
+                frozen.append(param)
+    try:
+        yield len(frozen)
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)

@@ -7,14 +7,21 @@ from typing import TYPE_CHECKING
 from .base import ClientUpdate, LoRAStrategy, ReplyError, RoundStats
 from .blocks import BlockPlanner
 from .fedit import FedIT
+from .ffa import FFALoRA
+from .flexlora import FlexLoRA
+from .flora import FLoRA
 from .haflq import HAFLQStrategy
-from .hetlora import HetLoRA
+from .hetlora import FedITTruncated, HetLoRA
 
 if TYPE_CHECKING:
     from ..config import RunConfig
 
 STRATEGIES: dict[str, type[LoRAStrategy]] = {
     "fedit": FedIT,
+    "fedit-trunc": FedITTruncated,
+    "ffa-lora": FFALoRA,
+    "flexlora": FlexLoRA,
+    "flora": FLoRA,
     "haflq": HAFLQStrategy,
     "hetlora": HetLoRA,
 }
@@ -60,6 +67,10 @@ __all__ = [
     "BlockPlanner",
     "ClientUpdate",
     "FedIT",
+    "FedITTruncated",
+    "FFALoRA",
+    "FLoRA",
+    "FlexLoRA",
     "HAFLQStrategy",
     "HetLoRA",
     "LoRAStrategy",

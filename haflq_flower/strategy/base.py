@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from ..config import ConfigError, RunConfig
 from ..lora.robust import clip_scales, state_norm
 from ..lora.state import (
     LoraState,
@@ -161,6 +162,25 @@ class LoRAStrategy(Strategy):
         self._global: LoraState | None = None
 
     # ------------------------------------------------------------------ hooks
+    @classmethod
+    def check_run_config(cls, cfg: RunConfig) -> None:
+        """Raise :class:`~haflq_flower.config.ConfigError` if the run config asks for
+        something this strategy cannot do (checked when the run config is parsed).
+        Default: no per-client block precision (only HAFLQ and its subclasses assign it)."""
+        if cfg.strategy.blocks.enabled:
+            raise ConfigError(
+                f"run config 'blocks.precision={cfg.strategy.blocks.precision}' needs a "
+                "strategy that assigns per-client block precision (haflq, hetlora or a "
+                f"subclass); strategy.name is {cfg.strategy.name!r}. Use "
+                "blocks.precision=off with it, or model.quantization for a uniform base."
+            )
+
+    def base_merge(self) -> LoraState | None:
+        """Stacked factors that clients and the server's evaluation merge into the base
+        weights before using the global adapter (FLoRA); ``None`` for methods that keep
+        the base as loaded."""
+        return None
+
     def prepare_round(self, server_round: int, grid: Grid, node_ids: list[int]) -> None:
         """Called once per round with the sampled nodes, before any message is built."""
 
@@ -192,20 +212,15 @@ class LoRAStrategy(Strategy):
         raise NotImplementedError
 
     def update_delta(self, update: ClientUpdate) -> LoraState:
-        """The client's change to the global state (default: the full state it sent minus
-        the global one); its norm is what :attr:`clip_factor` bounds."""
-        return OrderedDict((k, update.payload[k] - self._global[k]) for k in self._global)
+        """The client's change to the global state (default: each array it sent minus the
+        global one); its norm is what :attr:`clip_factor` bounds."""
+        return OrderedDict((k, v - self._global[k]) for k, v in update.payload.items())
 
     def scale_update(self, update: ClientUpdate, scale: float) -> None:
         """Multiply the client's change to the global state by ``scale``, in place."""
         update.payload = OrderedDict(
-            (
-                k,
-                (self._global[k] + scale * (update.payload[k] - self._global[k])).astype(
-                    update.payload[k].dtype
-                ),
-            )
-            for k in self._global
+            (k, (self._global[k] + scale * (v - self._global[k])).astype(v.dtype))
+            for k, v in update.payload.items()
         )
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from ..config import ChannelConfig
+from ..config import ChannelConfig, RunConfig
 from ..lora.aggregate import (
     ADAPTIVE,
     AGGREGATIONS,
@@ -206,6 +206,10 @@ class HAFLQStrategy(LoRAStrategy):
         self._tie_order: np.ndarray | None = None
 
     # ------------------------------------------------------------ user hooks
+    @classmethod
+    def check_run_config(cls, cfg: RunConfig) -> None:
+        """Every setting is allowed: block precision is assigned per node."""
+
     def client_budget(self, node_id: int, profile: ClientProfile, global_rank: int) -> int:
         """r_k for a node: its profile's LoRA rank, clipped to [1, R]."""
         return profile.budget(global_rank)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..lora.aggregate import ComponentUpload, aggregate_hetlora
+from ..lora.aggregate import ComponentUpload, aggregate_hetlora, aggregate_padded_values
 from ..lora.components import Selection, first_selection
 from ..lora.state import LoraState
 from ..lora.view import TRUNCATE
@@ -34,3 +34,15 @@ class HetLoRA(HAFLQStrategy):
 
     def update_importance(self, server_round: int, updates: list[ClientUpdate]) -> None:
         """HetLoRA does not use importance."""
+
+
+class FedITTruncated(HetLoRA):
+    """FedIT with heterogeneous ranks by truncation: each client trains the first r_k
+    components; the server zero-pads and averages the *values* with FedAvg's weights
+    ``p_k = n_k / sum_j n_j`` (so a component only some clients hold is diluted by the
+    others' zeros). HetLoRA with n_k weights in place of its norm weights."""
+
+    def aggregate_lora(
+        self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
+    ) -> LoraState:
+        return aggregate_padded_values(global_state, uploads, "examples")
