@@ -58,7 +58,9 @@ def _products(glob, uploads):
 
 def _fedavg_head(glob, uploads):
     p = np.array([u.weight for u in uploads]) / sum(u.weight for u in uploads)
-    return glob[HEAD] + sum(pk * u.delta[HEAD].astype(np.float64) for pk, u in zip(p, uploads))
+    return glob[HEAD] + sum(
+        pk * u.delta[HEAD].astype(np.float64) for pk, u in zip(p, uploads, strict=True)
+    )
 
 
 def test_client_values_are_received_components_plus_deltas():
@@ -139,7 +141,7 @@ def test_ffa_averages_b_and_keeps_the_shared_a_exactly():
     b_avg = sum(pk * s[B] for pk, s in zip(p, states, strict=True))
     np.testing.assert_allclose(out[B], b_avg, rtol=1e-6)
     # exact: the product of the averages is the average of the products (A shared)
-    products = sum(pk * s[B] @ glob[A].astype(np.float64) for pk, s in zip(p, states))
+    products = sum(pk * s[B] @ glob[A].astype(np.float64) for pk, s in zip(p, states, strict=True))
     np.testing.assert_allclose(out[B].astype(np.float64) @ glob[A], products, rtol=1e-5)
     assert list(out) == list(glob)
 
