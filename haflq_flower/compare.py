@@ -56,6 +56,26 @@ ARMS: dict[str, dict[str, Any]] = {
         "payload.downlink-bits": 16,
     },
 }
+# The peers (docs/algorithms.md, "Peer methods"), each on the shared client path.
+ARMS.update(
+    {
+        "fedit-trunc": {"strategy.name": "fedit-trunc"},
+        "flexlora": {"strategy.name": "flexlora"},
+        # FLoRA merges into the base weights every round: it needs a 16-bit base
+        "flora": {"strategy.name": "flora", "model.quantization": "none"},
+        "ffa-lora": {"strategy.name": "ffa-lora"},
+    }
+)
+# The paper's claims: HAFLQ with every mechanism (salience-mixed base within each tier's
+# tiers.memory-mb, importance freezing, adaptive aggregation, adaptive uplink) against the
+# paper-style baseline (HetLoRA-like truncation with zero-padding, a uniform 8-bit base,
+# full-precision uploads).
+ARMS["haflq-full"] = {**ARMS["haflq-quant"], "blocks.precision": "salience"}
+ARMS["paper-baseline"] = {
+    **ARMS["hetlora"],
+    "blocks.precision": "uniform-8",
+    "payload.uplink": "fp32",
+}
 # Block-wise base precision (HAFLQ's first mechanism), all on the HAFL strategy: uniform
 # bases, and mixed bases within each tier's tiers.memory-mb (random order vs salience).
 for _name, _precision in (
@@ -226,8 +246,10 @@ def summarize(
     seeds: Sequence[int],
     target: float | None,
     common_config: Mapping[str, Any] | None = None,
+    claims: tuple[str, str] | None = None,
 ):
-    """Write ``summary.json`` and ``summary.md`` (and plots) for the finished runs."""
+    """Write ``summary.json`` and ``summary.md`` (and plots) for the finished runs;
+    with ``claims = (arm, baseline)``, also the paper's claims side by side."""
     rows: dict[str, list[dict]] = {}
     for arm in arms:
         for seed in seeds:
@@ -248,6 +270,7 @@ def summarize(
     )
     head = [
         "arm",
+        "seeds",
         "final acc",
         "best acc",
         f"rounds to {target}" if target else "rounds to target",
@@ -297,6 +320,7 @@ def summarize(
         table[arm] = {"runs": runs, "final": final, "best": best, "seeds": n}
         cells = [
             arm,
+            str(n),
             _fmt_acc(*final, n),
             _fmt_acc(*best, n),
             "-" if to_round[0] is None else f"{to_round[0]:.1f}",
@@ -311,10 +335,101 @@ def summarize(
         ]
         lines.append("| " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + "\n"
+    if claims is not None and all(arm in rows for arm in claims):
+        found = paper_claims(rows[claims[0]], rows[claims[1]])
+        table["claims"] = {"arm": claims[0], "baseline": claims[1], "rows": found}
+        markdown += "\n" + claims_markdown(found, *claims)
     (out_dir / "summary.md").write_text(markdown)
     (out_dir / "summary.json").write_text(json.dumps(table, indent=2))
     plot_comparison(rows, out_dir)
     return markdown
+
+
+# The paper's headline numbers (arXiv 2411.06581, abstract): HAFLQ against its baseline.
+PAPER_CLAIMS = {"memory": -31.0, "communication": -49.0, "accuracy": 50.0}
+CLAIM_LABELS = {
+    "memory": "peak client memory (mean over tiers)",
+    "communication": "uplink bytes (whole run)",
+    "accuracy": "final test accuracy",
+}
+
+
+def mean_tier_peak(run: Mapping[str, Any]) -> float | None:
+    """Mean over tiers of each tier's peak training memory in one run."""
+    peaks = [t["peak_mem_bytes"] for t in run["tiers"].values() if t.get("peak_mem_bytes")]
+    return statistics.fmean(peaks) if peaks else None
+
+
+def relative_change(ours: Sequence[float | None], base: Sequence[float | None]) -> dict[str, Any]:
+    """``100 (mean(ours) - mean(base)) / mean(base)``, and whether the difference of
+    means exceeds twice its standard error (``resolved``; never with one run per side,
+    where the spread is unknown)."""
+    a = [v for v in ours if v is not None]
+    b = [v for v in base if v is not None]
+    if not a or not b or statistics.fmean(b) == 0:
+        return {"ours": None, "baseline": None, "change_pct": None, "resolved": False}
+    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+    out: dict[str, Any] = {
+        "ours": mean_a,
+        "baseline": mean_b,
+        "ours_sd": statistics.stdev(a) if len(a) > 1 else None,
+        "baseline_sd": statistics.stdev(b) if len(b) > 1 else None,
+        "n": [len(a), len(b)],
+        "change_pct": 100.0 * (mean_a - mean_b) / mean_b,
+    }
+    if len(a) > 1 and len(b) > 1:
+        se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+        out["resolved"] = abs(mean_a - mean_b) > 2 * se
+    else:
+        out["resolved"] = False
+    return out
+
+
+def paper_claims(ours: Sequence[dict], base: Sequence[dict]) -> dict[str, dict[str, Any]]:
+    """Relative memory, communication and accuracy change of ``ours`` (an arm's runs,
+    one per seed) against ``base``, with the paper's numbers."""
+    found = {
+        "memory": relative_change(
+            [mean_tier_peak(r) for r in ours], [mean_tier_peak(r) for r in base]
+        ),
+        "communication": relative_change(
+            [r["bytes_up"] for r in ours], [r["bytes_up"] for r in base]
+        ),
+        "accuracy": relative_change(
+            [r["final_accuracy"] for r in ours], [r["final_accuracy"] for r in base]
+        ),
+    }
+    for key, row in found.items():
+        row["paper_pct"] = PAPER_CLAIMS[key]
+    return found
+
+
+def claims_markdown(found: Mapping[str, Mapping[str, Any]], arm: str, baseline: str) -> str:
+    """The claims table: ours next to the paper's."""
+    lines = [
+        f"Paper's claims: `{arm}` against `{baseline}` (mean over seeds; a difference is "
+        "resolved when it exceeds twice its standard error, which needs 2+ seeds per arm)",
+        "",
+        f"| quantity | paper | ours | {arm} | {baseline} | resolved |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, row in found.items():
+        if row["change_pct"] is None:
+            lines.append(f"| {CLAIM_LABELS[key]} | {row['paper_pct']:+.0f}% | - | - | - | - |")
+            continue
+        scale, unit = (1e6, " MB") if key != "accuracy" else (1.0, "")
+        fmt = "{:.4f}" if key == "accuracy" else "{:.1f}"
+
+        def cell(mean, sd, scale=scale, unit=unit, fmt=fmt):
+            text = fmt.format(mean / scale) + unit
+            return text + (f" ± {fmt.format(sd / scale)}" if sd is not None else "")
+
+        lines.append(
+            f"| {CLAIM_LABELS[key]} | {row['paper_pct']:+.0f}% | {row['change_pct']:+.1f}% | "
+            f"{cell(row['ours'], row['ours_sd'])} | {cell(row['baseline'], row['baseline_sd'])}"
+            f" | {'yes' if row['resolved'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def plot_comparison(rows: Mapping[str, list[dict]], out_dir: Path) -> None:
@@ -407,6 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=None, help="target accuracy")
     parser.add_argument("--run-config", action="append", default=[], help="common overrides")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the table")
+    parser.add_argument(
+        "--claims",
+        default=None,
+        metavar="ARM:BASELINE",
+        help="also compare ARM against BASELINE next to the paper's -31%% memory, -49%% "
+        "communication and +50%% accuracy (e.g. haflq-full:paper-baseline)",
+    )
     args, launcher_args = parser.parse_known_args(argv)
 
     out_dir = Path(args.out).resolve()
@@ -416,7 +538,15 @@ def main(argv: list[str] | None = None) -> int:
     common = {"num-server-rounds": args.rounds, **_parse_overrides(args.run_config)}
     if not args.summary_only:
         run_grid(out_dir, arms, seeds, common, args.num_supernodes, launcher_args)
-    markdown = summarize(out_dir, arms, seeds, args.target, common)
+    claims = None
+    if args.claims:
+        arm, _, baseline = args.claims.partition(":")
+        if not baseline or arm not in arms or baseline not in arms:
+            raise SystemExit(
+                f"error: --claims {args.claims!r} must be ARM:BASELINE, both among --arms"
+            )
+        claims = (arm, baseline)
+    markdown = summarize(out_dir, arms, seeds, args.target, common, claims)
     print(markdown)
     print(f"Summary: {out_dir / 'summary.md'}; plot: {out_dir / 'accuracy.png'}")
     return 0
