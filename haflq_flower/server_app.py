@@ -19,7 +19,7 @@ from .checkpoint import (
 from .config import ConfigError, RunConfig, parse_run_config
 from .data import load_task
 from .logs import setup_logging
-from .lora.merge import merge_stacks
+from .lora.merge import merge_stacks, save_expanded_adapter
 from .lora.state import (
     check_state,
     from_array_record,
@@ -118,7 +118,12 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     final_state = from_array_record(result.arrays)
     load_trainable_state(model, final_state)
     adapter_dir = cfg.output_dir / "adapter"
-    model.save_pretrained(adapter_dir)
+    merge = strategy.base_merge()
+    if merge is None:
+        model.save_pretrained(adapter_dir)
+    else:  # FLoRA: the merged stacks and the last adapter as one rank-expanded adapter
+        rank = save_expanded_adapter(model, final_state, merge, adapter_dir)
+        log.info("Saved the merged stacks and the adapter as one rank-%d adapter", rank)
     tokenizer.save_pretrained(adapter_dir)
     extra = {}
     if server_bits is not None:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from haflq_flower import compare
 
 from .conftest import TINY
@@ -82,10 +84,18 @@ def test_grid_runs_two_arms_and_skips_finished(tmp_path, monkeypatch):
         "1",
         "--timeout",
         "600",
+        "--claims",
+        "haflq:fedit",
     ]
     assert compare.main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"fedit", "haflq"}
+    assert set(summary) == {"fedit", "haflq", "claims"}
+    claims = summary["claims"]["rows"]
+    # HAFLQ's clients upload r_k of R components: fewer bytes than FedIT's full adapter
+    assert claims["communication"]["change_pct"] < 0
+    assert claims["communication"]["ours"] == summary["haflq"]["runs"][0]["bytes_up"]
+    assert not claims["accuracy"]["resolved"]  # one seed: no spread, never a win
+    assert "| uplink bytes (whole run) | -49% |" in (out / "summary.md").read_text()
     for arm in ("fedit", "haflq"):
         results = json.loads((out / f"{arm}-seed0" / "results.json").read_text())
         assert results["config"]["strategy.name"] == arm
@@ -106,3 +116,31 @@ def test_summary_plots_memory_per_tier(tmp_path):
     compare.plot_comparison({"a": runs, "b": runs}, tmp_path)
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+def test_relative_change_and_resolution_known_answers():
+    row = compare.relative_change([0.6, 0.62, 0.64], [0.4, 0.41, 0.39])
+    assert row["change_pct"] == pytest.approx(100 * (0.62 - 0.4) / 0.4)
+    assert row["resolved"]  # difference 0.22, standard error ~0.013
+    close = compare.relative_change([0.6, 0.7], [0.62, 0.66])
+    assert close["change_pct"] == pytest.approx(100 * (0.65 - 0.64) / 0.64)
+    assert not close["resolved"]  # difference 0.01 inside twice the standard error
+    assert not compare.relative_change([0.9], [0.1])["resolved"]  # one seed each
+    assert compare.relative_change([1.0], [None])["change_pct"] is None
+
+
+def test_paper_claims_compare_memory_bytes_and_accuracy():
+    ours = [compare.summarize_run(_results([0.5, 0.75], [0, 50]), None)]
+    base = [compare.summarize_run(_results([0.5, 0.5], [0, 100]), None)]
+    found = compare.paper_claims(ours, base)
+    assert found["communication"]["change_pct"] == pytest.approx(-50.0)
+    assert found["accuracy"]["change_pct"] == pytest.approx(50.0)
+    assert found["memory"]["change_pct"] == pytest.approx(0.0)  # same peaks (101, 201)
+    assert compare.mean_tier_peak(ours[0]) == pytest.approx(151.0)
+    assert {k: v["paper_pct"] for k, v in found.items()} == {
+        "memory": -31.0,
+        "communication": -49.0,
+        "accuracy": 50.0,
+    }
+    text = compare.claims_markdown(found, "a", "b")
+    assert "| final test accuracy | +50% | +50.0% | 0.7500 | 0.5000 | no |" in text

@@ -329,6 +329,20 @@ def test_flora_merges_every_round_and_the_server_evaluates_the_merged_model(tmp_
     assert loss == pytest.approx(rounds[-1]["loss"], rel=1e-5)
     assert accuracy == rounds[-1]["accuracy"] and bare_loss != pytest.approx(loss, rel=1e-5)
 
+    # The saved adapter is one rank-expanded PEFT adapter (rank 28 + 8) on the unmerged
+    # base: PEFT alone reproduces the merged model.
+    from peft import PeftModel
+
+    from haflq_flower.model import load_base_model
+
+    base, _ = load_base_model(cfg.model, 2, torch.device("cpu"))
+    loaded = PeftModel.from_pretrained(base, results["final"]["adapter_dir"])
+    assert loaded.peft_config["default"].r == 28 + 8
+    peft_loss, peft_acc = _test_accuracy(cfg, loaded, tok, task, torch.device("cpu"), "peft")
+    assert peft_loss == pytest.approx(loss, rel=1e-3) and peft_acc == pytest.approx(
+        accuracy, abs=0.03
+    )
+
 
 def test_ffa_lora_keeps_a_at_the_shared_init_and_uploads_b_and_head(tmp_path, tiny_config):
     from haflq_flower.checkpoint import load_checkpoint

@@ -82,3 +82,50 @@ def merge_stacks(model: nn.Module, stacks: Mapping[str, np.ndarray] | None) -> i
             weight.copy_(merged.to(weight.dtype))
     setattr(model, _PRISTINE, pristine)
     return int(rank or 0)
+
+
+def expanded_adapter(state: Mapping[str, np.ndarray], stacks: Mapping[str, np.ndarray]):
+    """One LoRA adapter equal to "merge ``stacks``, then apply ``state``": per module,
+    ``B' = [B_stack | B]`` and ``A' = [A_stack; A]`` (rank H + R), other keys as they are.
+    With the scale kept at ``s`` (``lora_alpha' = s * (H + R)``), ``s B' A' = s B_stack
+    A_stack + s B A``, so a base loaded without any merge plus this adapter is the model.
+    """
+    from .components import A_SUFFIX, B_SUFFIX
+
+    out = {}
+    for key, value in state.items():
+        if key.endswith(A_SUFFIX):
+            out[key] = np.concatenate([stacks[key], value]).astype(np.float32)
+        elif key.endswith(B_SUFFIX):
+            out[key] = np.concatenate([stacks[key], value], axis=1).astype(np.float32)
+        else:
+            out[key] = value
+    return out
+
+
+def save_expanded_adapter(model, state, stacks, out_dir) -> int:
+    """Write :func:`expanded_adapter` as a PEFT adapter directory (``adapter_config.json``
+    with the rank and alpha that keep the scale, ``adapter_model.safetensors``) that
+    ``PeftModel.from_pretrained`` loads onto the unmerged base. Returns the new rank."""
+    import copy
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    adapter = model.active_adapter
+    config = copy.deepcopy(model.peft_config[adapter])
+    if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+        raise MergeError("cannot expand an adapter with per-module rank or alpha patterns")
+    extra = next(v.shape[0] for k, v in stacks.items() if k.endswith(".lora_A.weight"))
+    scale = config.lora_alpha / config.r
+    config.r = config.r + extra
+    config.lora_alpha = scale * config.r
+    tensors = {
+        k: torch.from_numpy(np.ascontiguousarray(v))
+        for k, v in expanded_adapter(state, stacks).items()
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return config.r
