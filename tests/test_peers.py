@@ -364,3 +364,29 @@ def test_ffa_lora_keeps_a_at_the_shared_init_and_uploads_b_and_head(tmp_path, ti
         for c in r["clients"]:
             # fp32 B + head, plus the metrics record and npy headers (a few KB)
             assert 4 * sent_floats < c["bytes_up"] < 4 * sent_floats + 8192
+
+
+def test_flora_state_survives_a_checkpoint_round_trip():
+    """Stacks of different ranks per round, the fresh adapter and the profiles come back
+    exactly from state_dict() (what checkpoint.npz stores)."""
+    from haflq_flower.strategy import FLoRA
+
+    glob = _state(b_zero=True)
+    flora = FLoRA()
+    flora.fresh = OrderedDict((k, glob[k]) for k in (A, B))
+    flora._global = glob
+    for ranks in ((1, 2), (4, 1, 3)):
+        uploads = [_upload(10 * (i + 1), r, i) for i, r in enumerate(ranks)]
+        new = flora.aggregate_lora(1, glob, uploads)
+        np.testing.assert_array_equal(new[A], glob[A])  # the next round starts fresh
+        np.testing.assert_array_equal(new[B], 0.0)
+    merge = flora.base_merge()
+    assert merge[A].shape == (1 + 2 + 4 + 1 + 3, D_IN)
+    meta, arrays = flora.state_dict()
+    restored = FLoRA()
+    restored.load_state_dict(meta, arrays)
+    assert [a.shape[0] for _, a in restored.stacks[M]] == [3, 8]
+    for key, value in restored.base_merge().items():
+        np.testing.assert_array_equal(value, merge[key])
+    for key in (A, B):
+        np.testing.assert_array_equal(restored.fresh[key], flora.fresh[key])
