@@ -41,6 +41,8 @@ def defaults(budgets: str) -> list[str]:
         "3",
         "--num-supernodes",
         "10",
+        "--target",
+        "0.55",
         "--claims",
         "haflq-full:paper-baseline",
         "--run-config",
