@@ -390,3 +390,28 @@ def test_flora_state_survives_a_checkpoint_round_trip():
         np.testing.assert_array_equal(value, merge[key])
     for key in (A, B):
         np.testing.assert_array_equal(restored.fresh[key], flora.fresh[key])
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7), (6, 9, 4), (4, 2, 4)])
+def test_svd_of_product_matches_the_svd_of_the_formed_matrix(shape, monkeypatch):
+    from haflq_flower.lora import aggregate
+
+    d_out, q, d_in = shape
+    rng = np.random.default_rng(q)
+    left, right = rng.normal(size=(d_out, q)), rng.normal(size=(q, d_in))
+    full = np.linalg.svd(left @ right, compute_uv=False)
+    k = min(q, d_out, d_in)
+    real_svd = np.linalg.svd
+
+    def failing(a, *args, **kwargs):
+        if a.shape[0] <= q:  # only the small core fails
+            raise np.linalg.LinAlgError("SVD did not converge")
+        return real_svd(a, *args, **kwargs)
+
+    for fallback in (False, True):
+        if fallback:  # LAPACK's SVD fails to converge: the eigh path
+            monkeypatch.setattr(aggregate.np.linalg, "svd", failing)
+        u, sv, vt = aggregate.svd_of_product(left, right)
+        np.testing.assert_allclose(sv[:k], full[:k], rtol=1e-8)
+        np.testing.assert_allclose((u[:, :k] * sv[:k]) @ vt[:k], left @ right, atol=1e-8)
+        np.testing.assert_allclose(vt[:k] @ vt[:k].T, np.eye(k), atol=1e-8)

@@ -227,16 +227,11 @@ def aggregate_flexlora(global_state: LoraState, uploads: Sequence[ComponentUploa
     """
     if not uploads:
         raise ValueError("aggregate_flexlora needs at least one upload")
-    p = _normalized([u.weight for u in uploads])
     out: LoraState = OrderedDict()
-    for m in lora_modules(global_state):
+    for m, (b_stack, a_stack) in stack_flora(global_state, uploads).items():
         ak, bk = a_key(m), b_key(m)
         rank = global_state[ak].shape[0]
-        product = np.zeros((global_state[bk].shape[0], global_state[ak].shape[1]))
-        for pk, up in zip(p, uploads, strict=True):
-            v = client_values(global_state, up)
-            product += pk * (v[bk] @ v[ak])
-        u, sv, vt = np.linalg.svd(product, full_matrices=False)
+        u, sv, vt = svd_of_product(b_stack, a_stack)
         keep = min(rank, len(sv))
         b_new = np.zeros(global_state[bk].shape)
         a_new = np.zeros(global_state[ak].shape)
@@ -244,6 +239,31 @@ def aggregate_flexlora(global_state: LoraState, uploads: Sequence[ComponentUploa
         a_new[:keep, :] = vt[:keep, :]
         out[ak], out[bk] = a_new, b_new
     return _fedavg_head(global_state, uploads, out)
+
+
+def svd_of_product(left: np.ndarray, right: np.ndarray):
+    """The thin SVD ``U, S, V^T`` of ``M = left @ right`` (d_out x q times q x d_in) without
+    forming M: QR of both factors, then the SVD of the small q x q core, so the cost
+    grows with q = sum_k r_k, not with d_out x d_in. Singular values descending.
+
+    LAPACK's divide-and-conquer SVD can fail to converge (numpy raises ``LinAlgError``;
+    seen once on a FlexLoRA round); the core then goes through ``eigh`` of
+    ``core^T core``, which always converges (small singular values lose precision,
+    the leading ones that FlexLoRA keeps do not).
+    """
+    q_left, r_left = np.linalg.qr(left)
+    q_right, r_right = np.linalg.qr(right.T)
+    core = r_left @ r_right.T
+    try:
+        u_core, sv, vt_core = np.linalg.svd(core, full_matrices=False)
+    except np.linalg.LinAlgError:
+        evals, vecs = np.linalg.eigh(core.T @ core)
+        order = np.argsort(evals)[::-1]
+        sv = np.sqrt(np.clip(evals[order], 0.0, None))
+        vt_core = vecs[:, order].T
+        safe = np.where(sv > sv[0] * 1e-12, sv, np.inf) if sv.size and sv[0] > 0 else sv
+        u_core = (core @ vt_core.T) / safe[None, :]
+    return q_left @ u_core, sv, vt_core @ q_right.T
 
 
 def stack_flora(
@@ -305,5 +325,6 @@ __all__ = [
     "component_counts",
     "hetlora_weights",
     "stack_flora",
+    "svd_of_product",
     "weighted_average",
 ]
