@@ -354,10 +354,14 @@ CLAIM_LABELS = {
 }
 
 
-def mean_tier_peak(run: Mapping[str, Any]) -> float | None:
-    """Mean over tiers of each tier's peak training memory in one run."""
-    peaks = [t["peak_mem_bytes"] for t in run["tiers"].values() if t.get("peak_mem_bytes")]
-    return statistics.fmean(peaks) if peaks else None
+def mean_tier_peak(run: Mapping[str, Any], tiers: Sequence[str] | None = None) -> float | None:
+    """Mean over ``tiers`` (default: all of the run's) of each tier's peak training
+    memory in one run; ``None`` if one of them has no measurement."""
+    names = list(run["tiers"]) if tiers is None else list(tiers)
+    peaks = [run["tiers"].get(t, {}).get("peak_mem_bytes") for t in names]
+    if not peaks or not all(peaks):
+        return None
+    return statistics.fmean(peaks)
 
 
 def relative_change(ours: Sequence[float | None], base: Sequence[float | None]) -> dict[str, Any]:
@@ -388,9 +392,12 @@ def relative_change(ours: Sequence[float | None], base: Sequence[float | None]) 
 def paper_claims(ours: Sequence[dict], base: Sequence[dict]) -> dict[str, dict[str, Any]]:
     """Relative memory, communication and accuracy change of ``ours`` (an arm's runs,
     one per seed) against ``base``, with the paper's numbers."""
+    # memory: the same tiers on both sides (a tier one run lacks would skew the mean)
+    common = set.intersection(*(set(r["tiers"]) for r in (*ours, *base)))
+    tiers = sorted(common)
     found = {
         "memory": relative_change(
-            [mean_tier_peak(r) for r in ours], [mean_tier_peak(r) for r in base]
+            [mean_tier_peak(r, tiers) for r in ours], [mean_tier_peak(r, tiers) for r in base]
         ),
         "communication": relative_change(
             [r["bytes_up"] for r in ours], [r["bytes_up"] for r in base]
@@ -536,16 +543,16 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     common = {"num-server-rounds": args.rounds, **_parse_overrides(args.run_config)}
-    if not args.summary_only:
-        run_grid(out_dir, arms, seeds, common, args.num_supernodes, launcher_args)
     claims = None
-    if args.claims:
+    if args.claims:  # checked before hours of runs, not after
         arm, _, baseline = args.claims.partition(":")
         if not baseline or arm not in arms or baseline not in arms:
             raise SystemExit(
                 f"error: --claims {args.claims!r} must be ARM:BASELINE, both among --arms"
             )
         claims = (arm, baseline)
+    if not args.summary_only:
+        run_grid(out_dir, arms, seeds, common, args.num_supernodes, launcher_args)
     markdown = summarize(out_dir, arms, seeds, args.target, common, claims)
     print(markdown)
     print(f"Summary: {out_dir / 'summary.md'}; plot: {out_dir / 'accuracy.png'}")

@@ -237,15 +237,20 @@ def test_merge_sets_w0_plus_scaled_stack_and_restores_the_pristine_base(tiny_con
 
 
 def test_merge_refuses_a_quantized_base_and_bad_shapes(tiny_config):
+    import torch
+
     from haflq_flower.lora.components import a_key
     from haflq_flower.lora.merge import MergeError, merge_stacks
 
     _, _, model, _ = _tiny(tiny_config, model__quantization="none")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     stacks = _random_stacks(model, 2)
-    key = next(k for k in stacks if k.endswith(".lora_A.weight"))
+    key = [k for k in stacks if k.endswith(".lora_A.weight")][-1]  # the last module
     bad = {**stacks, key: stacks[key][:, :-1]}
     with pytest.raises(MergeError, match="shape"):
         merge_stacks(model, bad)
+    # nothing was half-applied: every weight is as before
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     with pytest.raises(MergeError, match="lacks"):
         merge_stacks(
             model, {k: v for k, v in stacks.items() if k != a_key(key[: -len(".lora_A.weight")])}
@@ -415,3 +420,26 @@ def test_svd_of_product_matches_the_svd_of_the_formed_matrix(shape, monkeypatch)
         np.testing.assert_allclose(sv[:k], full[:k], rtol=1e-8)
         np.testing.assert_allclose((u[:, :k] * sv[:k]) @ vt[:k], left @ right, atol=1e-8)
         np.testing.assert_allclose(vt[:k] @ vt[:k].T, np.eye(k), atol=1e-8)
+
+
+@pytest.mark.parametrize("bits", [32, 16])
+def test_value_peers_rebuild_client_values_from_the_global_as_sent(bits):
+    """A client's values are what it received plus its deltas: with the 16-bit downlink,
+    the float16-rounded global (else FlexLoRA/FLoRA would not be exact)."""
+    from haflq_flower.strategy import FedITTruncated
+    from haflq_flower.strategy.base import ClientUpdate, RoundStats
+    from haflq_flower.strategy.haflq import ComponentPayload
+
+    glob = _state()
+    up = _upload(1, R, 0)  # one client holding every component: output = its values
+    strategy = FedITTruncated(downlink_bits=bits)
+    strategy._global = glob
+    strategy._init_importance(glob)
+    strategy.stats[1] = RoundStats(round=1)
+    payload = ComponentPayload(up.selection, up.delta, up.selection, {M: np.zeros(R)})
+    new = strategy.aggregate(1, glob, [ClientUpdate(0, payload, 1, {})])
+    sent = glob[A].astype(np.float16) if bits == 16 else glob[A]
+    expected = sent.astype(np.float32) + up.delta[A]
+    np.testing.assert_array_equal(new[A], expected)
+    if bits == 16:  # the rounding is visible at float32 precision
+        assert not np.array_equal(new[A], glob[A] + up.delta[A])

@@ -55,32 +55,39 @@ def merge_stacks(model: nn.Module, stacks: Mapping[str, np.ndarray] | None) -> i
             for name, saved in pristine.items():
                 _base_weight(layers[name]).copy_(saved)
         return 0
+    # Check every module before changing any weight: a half-applied merge would leave
+    # merged weights with no pristine copy.
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     rank = None
+    for name, layer in layers.items():
+        ak, bk = a_key(name), b_key(name)
+        if ak not in stacks or bk not in stacks:
+            raise MergeError(f"merge lacks the factors of LoRA module {name}")
+        weight = _base_weight(layer)
+        a = torch.as_tensor(np.asarray(stacks[ak], dtype=np.float32))
+        b = torch.as_tensor(np.asarray(stacks[bk], dtype=np.float32))
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise MergeError(f"{name}: stacked shapes {tuple(b.shape)} x {tuple(a.shape)}")
+        if (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise MergeError(
+                f"{name}: merge of shape {(b.shape[0], a.shape[1])} for a base weight of "
+                f"shape {tuple(weight.shape)}"
+            )
+        if rank is not None and a.shape[0] != rank:
+            raise MergeError(f"{name}: stacked rank {a.shape[0]}, others {rank}")
+        rank = a.shape[0]
+        factors[name] = (b, a)
+    setattr(model, _PRISTINE, pristine)
     with torch.no_grad():
         for name, layer in layers.items():
-            ak, bk = a_key(name), b_key(name)
-            if ak not in stacks or bk not in stacks:
-                raise MergeError(f"merge lacks the factors of LoRA module {name}")
             weight = _base_weight(layer)
-            a = torch.as_tensor(np.asarray(stacks[ak], dtype=np.float32))
-            b = torch.as_tensor(np.asarray(stacks[bk], dtype=np.float32))
-            if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-                raise MergeError(f"{name}: stacked shapes {tuple(b.shape)} x {tuple(a.shape)}")
-            if (b.shape[0], a.shape[1]) != tuple(weight.shape):
-                raise MergeError(
-                    f"{name}: merge of shape {(b.shape[0], a.shape[1])} for a base weight of "
-                    f"shape {tuple(weight.shape)}"
-                )
-            if rank is not None and a.shape[0] != rank:
-                raise MergeError(f"{name}: stacked rank {a.shape[0]}, others {rank}")
-            rank = a.shape[0]
+            b, a = factors[name]
             if name not in pristine:
                 pristine[name] = weight.detach().clone()
             adapter = layer.active_adapters[0]
             scale = float(layer.scaling[adapter])
             merged = pristine[name].float() + scale * (b.to(weight.device) @ a.to(weight.device))
             weight.copy_(merged.to(weight.dtype))
-    setattr(model, _PRISTINE, pristine)
     return int(rank or 0)
 
 

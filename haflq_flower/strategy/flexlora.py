@@ -14,8 +14,10 @@ class FlexLoRA(HetLoRA):
     so component i of the global adapter is the i-th singular direction and a client of
     rank r_k receives the top r_k of them.
 
-    The aggregation is exact up to the rank-R truncation of the SVD; its cost is one SVD
-    of a d_out x d_in matrix per module and round. Uploads are fp32 (the paper's setting).
+    The aggregation is exact up to the rank-R truncation of the SVD. The SVD goes
+    through QR of the stacked client factors and the SVD of a small core of size
+    q = sum_k r_k (:func:`~haflq_flower.lora.aggregate.svd_of_product`), never forming the
+    d_out x d_in matrix. Uploads are fp32 (the paper's setting).
     """
 
     def aggregate_lora(

@@ -28,6 +28,9 @@ class FLoRA(HetLoRA):
     ``s B_stack A_stack`` into its base weights before the next round, which starts from
     the same fresh adapter (the server's initial A, B = 0).
 
+    "Fresh" is the same every round (the server's initial A, B = 0): a re-initialization
+    that every client shares, drawn once from the run's seed.
+
     Clients here keep no state between rounds (a simulated node's process serves many
     clients, a deployed node may restart), so every training message carries the stacks
     of *all* past rounds in the ``merge`` record: the downlink grows by sum_k r_k
@@ -42,6 +45,7 @@ class FLoRA(HetLoRA):
         super().__init__(**kwargs)
         self.stacks: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.fresh: LoraState | None = None
+        self._record_cache: tuple[int, ArrayRecord | None] | None = None
 
     @classmethod
     def check_run_config(cls, cfg: RunConfig) -> None:
@@ -64,9 +68,17 @@ class FLoRA(HetLoRA):
             merged[a_key(m)] = np.concatenate([a for _, a in pairs]).astype(np.float32)
         return merged
 
+    def _merge_record(self) -> ArrayRecord | None:
+        """The ``merge`` record, built once per round (the same for every node)."""
+        rounds = len(next(iter(self.stacks.values()), []))
+        if self._record_cache is None or self._record_cache[0] != rounds:
+            merged = self.base_merge()
+            self._record_cache = (rounds, None if merged is None else to_array_record(merged))
+        return self._record_cache[1]
+
     def _with_merge(self, records: dict[str, Any]) -> dict[str, Any]:
-        merged = self.base_merge()
-        return records if merged is None else {**records, MERGE_KEY: to_array_record(merged)}
+        record = self._merge_record()
+        return records if record is None else {**records, MERGE_KEY: record}
 
     def train_records(
         self, server_round: int, node_id: int, global_state: LoraState
@@ -83,8 +95,8 @@ class FLoRA(HetLoRA):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        merged = self.base_merge()
-        if merged is None:
+        record = self._merge_record()
+        if record is None:
             return messages
         out = []
         for msg in messages:
@@ -92,7 +104,7 @@ class FLoRA(HetLoRA):
                 {
                     ARRAYS_KEY: msg.content.array_records[ARRAYS_KEY],
                     CONFIG_KEY: msg.content.config_records[CONFIG_KEY],
-                    MERGE_KEY: to_array_record(merged),
+                    MERGE_KEY: record,
                 }
             )
             out.append(
@@ -133,6 +145,7 @@ class FLoRA(HetLoRA):
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         super().load_state_dict(meta, arrays)
         self.stacks = {}
+        self._record_cache = None
         for m, ranks in meta.get("flora_ranks", {}).items():
             b_all, a_all = arrays[f"flora/merge/{b_key(m)}"], arrays[f"flora/merge/{a_key(m)}"]
             edges = np.cumsum([0, *ranks])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import numpy as np
+
 from ..lora.aggregate import ComponentUpload, aggregate_hetlora, aggregate_padded_values
 from ..lora.components import Selection, first_selection
 from ..lora.state import LoraState
@@ -26,6 +30,19 @@ class HetLoRA(HAFLQStrategy):
 
     def select_components(self, server_round: int, node_id: int, budget: int) -> Selection:
         return first_selection(self._global, budget)
+
+    def aggregate(
+        self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
+    ) -> LoraState:
+        """Aggregate values, not deltas: a client's values are what it *received* plus its
+        deltas, so with the 16-bit downlink the global is rounded to float16 first (with
+        the 8-bit downlink the float32 global is used: an approximation of what the
+        client decoded)."""
+        if self.downlink_bits == 16:
+            global_state = OrderedDict(
+                (k, v.astype(np.float16).astype(np.float32)) for k, v in global_state.items()
+            )
+        return super().aggregate(server_round, global_state, updates)
 
     def aggregate_lora(
         self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
