@@ -334,7 +334,7 @@ def summarize(
             "-" if share is None else f"{100 * share:.2f}%",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    markdown = "\n".join(lines) + "\n"
+    markdown = "\n".join(lines) + "\n\n" + rounds_markdown(rows)
     if claims is not None and all(arm in rows for arm in claims):
         found = paper_claims(rows[claims[0]], rows[claims[1]])
         table["claims"] = {"arm": claims[0], "baseline": claims[1], "rows": found}
@@ -343,6 +343,26 @@ def summarize(
     (out_dir / "summary.json").write_text(json.dumps(table, indent=2))
     plot_comparison(rows, out_dir)
     return markdown
+
+
+def rounds_markdown(rows: Mapping[str, list[dict]]) -> str:
+    """Accuracy by round (round 0 = before training), mean over each arm's seeds."""
+    if not rows:
+        return ""
+    count = max(len(r["accuracy_by_round"]) for runs in rows.values() for r in runs)
+    lines = [
+        "Accuracy by round (mean over seeds):",
+        "",
+        "| arm | " + " | ".join(f"round {i}" for i in range(count)) + " |",
+        "|---|" + "---|" * count,
+    ]
+    for arm, runs in rows.items():
+        cells = []
+        for i in range(count):
+            values = [r["accuracy_by_round"][i] for r in runs if i < len(r["accuracy_by_round"])]
+            cells.append(f"{statistics.fmean(values):.3f}" if values else "-")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # The paper's headline numbers (arXiv 2411.06581, abstract): HAFLQ against its baseline.

@@ -144,3 +144,12 @@ def test_paper_claims_compare_memory_bytes_and_accuracy():
     }
     text = compare.claims_markdown(found, "a", "b")
     assert "| final test accuracy | +50% | +50.0% | 0.7500 | 0.5000 | no |" in text
+
+
+def test_rounds_table_averages_seeds():
+    runs = [
+        compare.summarize_run(_results([0.5, 0.6, 0.7], [0, 1, 1]), None),
+        compare.summarize_run(_results([0.5, 0.8, 0.9], [0, 1, 1]), None),
+    ]
+    text = compare.rounds_markdown({"a": runs})
+    assert "| a | 0.500 | 0.700 | 0.800 |" in text
