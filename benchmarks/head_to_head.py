@@ -51,7 +51,16 @@ def defaults(budgets: str) -> list[str]:
     ]
 
 
+def model_name(argv: list[str]) -> str:
+    """The model named in the user's ``--run-config`` (budgets follow its layout)."""
+    overrides: dict = {}
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "--run-config":
+            overrides.update(compare._parse_overrides([value]))
+    return str(overrides.get("model.name", "smollm2-135m"))
+
+
 if __name__ == "__main__":
-    budgets = memory_mb()
+    budgets = memory_mb(model_name(sys.argv[1:]))
     print(f"[head_to_head] tiers.memory-mb = {budgets}", flush=True)
     sys.exit(compare.main(defaults(budgets) + sys.argv[1:]))
