@@ -341,7 +341,7 @@ def summarize(
         markdown += "\n" + claims_markdown(found, *claims)
     (out_dir / "summary.md").write_text(markdown)
     (out_dir / "summary.json").write_text(json.dumps(table, indent=2))
-    plot_comparison(rows, out_dir)
+    plot_comparison(rows, out_dir, tier_names)
     return markdown
 
 
@@ -459,8 +459,10 @@ def claims_markdown(found: Mapping[str, Mapping[str, Any]], arm: str, baseline: 
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(rows: Mapping[str, list[dict]], out_dir: Path) -> None:
-    """accuracy vs round and vs cumulative uplink (first seed of every arm)."""
+def plot_comparison(
+    rows: Mapping[str, list[dict]], out_dir: Path, tiers: Sequence[str] | None = None
+) -> None:
+    """accuracy vs round and vs cumulative uplink (mean over each arm's seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -470,11 +472,14 @@ def plot_comparison(rows: Mapping[str, list[dict]], out_dir: Path) -> None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for arm, runs in rows.items():
-        r = runs[0]
-        acc = r["accuracy_by_round"]
-        ax1.plot(range(len(acc)), acc, marker="o", label=arm)
-        ax2.plot([b / 1e6 for b in r["cum_bytes_up_by_round"]], acc, marker="o", label=arm)
+        count = min(len(r["accuracy_by_round"]) for r in runs)
+        acc = [statistics.fmean(r["accuracy_by_round"][i] for r in runs) for i in range(count)]
+        up = [statistics.fmean(r["cum_bytes_up_by_round"][i] for r in runs) for i in range(count)]
+        label = arm if len(runs) == 1 else f"{arm} ({len(runs)} seeds)"
+        ax1.plot(range(count), acc, marker="o", label=label)
+        ax2.plot([b / 1e6 for b in up], acc, marker="o", label=label)
     ax1.set_xlabel("round")
+    ax1.xaxis.get_major_locator().set_params(integer=True)
     ax2.set_xlabel("cumulative uplink (MB)")
     for ax in (ax1, ax2):
         ax.set_ylabel("test accuracy")
@@ -483,10 +488,12 @@ def plot_comparison(rows: Mapping[str, list[dict]], out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "accuracy.png", dpi=120)
     plt.close(fig)
-    plot_memory(rows, out_dir)
+    plot_memory(rows, out_dir, tiers)
 
 
-def plot_memory(rows: Mapping[str, list[dict]], out_dir: Path) -> None:
+def plot_memory(
+    rows: Mapping[str, list[dict]], out_dir: Path, tiers: Sequence[str] | None = None
+) -> None:
     """memory.png: peak training memory (and base weight bytes, where measured) per
     tier, one group of bars per arm (first seed)."""
     import matplotlib
@@ -494,7 +501,8 @@ def plot_memory(rows: Mapping[str, list[dict]], out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tiers = list(dict.fromkeys(t for runs in rows.values() for t in runs[0]["tiers"]))
+    if tiers is None:  # in the order first seen
+        tiers = list(dict.fromkeys(t for runs in rows.values() for t in runs[0]["tiers"]))
     if not tiers:
         return
     with_weights = any(
