@@ -161,7 +161,7 @@ def client_values(global_state: LoraState, up: ComponentUpload) -> LoraState:
     return v
 
 
-def _fedavg_head(
+def fedavg_head(
     global_state: LoraState, uploads: Sequence[ComponentUpload], out: LoraState
 ) -> LoraState:
     """FedAvg (n_k weights) of the non-LoRA parameters' deltas into ``out``; returns
@@ -211,7 +211,7 @@ def aggregate_padded_values(
             acc_a[up.selection[m], :] += wk * v[ak]
             acc_b[:, up.selection[m]] += wk * v[bk]
         out[ak], out[bk] = acc_a, acc_b
-    return _fedavg_head(global_state, uploads, out)
+    return fedavg_head(global_state, uploads, out)
 
 
 def aggregate_flexlora(global_state: LoraState, uploads: Sequence[ComponentUpload]) -> LoraState:
@@ -238,7 +238,7 @@ def aggregate_flexlora(global_state: LoraState, uploads: Sequence[ComponentUploa
         b_new[:, :keep] = u[:, :keep] * sv[None, :keep]
         a_new[:keep, :] = vt[:keep, :]
         out[ak], out[bk] = a_new, b_new
-    return _fedavg_head(global_state, uploads, out)
+    return fedavg_head(global_state, uploads, out)
 
 
 def svd_of_product(left: np.ndarray, right: np.ndarray):
@@ -293,19 +293,11 @@ def aggregate_ffa(
     each client's B factors and head (no A: it is never sent). The head is FedAvg'd."""
     if not states:
         raise ValueError("aggregate_ffa needs at least one state")
-    if len(states) != len(weights):
-        raise ValueError(f"{len(states)} states but {len(weights)} weights")
-    p = _normalized(weights)
-    out: LoraState = OrderedDict()
-    for key, value in global_state.items():
-        if key.endswith(A_SUFFIX):
-            out[key] = value.astype(np.float32)
-            continue
-        acc = np.zeros(value.shape, dtype=np.float64)
-        for pk, state in zip(p, states, strict=True):
-            acc += pk * state[key]
-        out[key] = acc.astype(np.float32)
-    return out
+    averaged = weighted_average(states, weights)
+    return OrderedDict(
+        (k, v.astype(np.float32) if k.endswith(A_SUFFIX) else averaged[k])
+        for k, v in global_state.items()
+    )
 
 
 __all__ = [

@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from ..config import ConfigError, RunConfig
-from ..lora.aggregate import ComponentUpload, stack_flora
-from ..lora.components import a_key, b_key, lora_modules, other_keys
+from ..lora.aggregate import ComponentUpload, fedavg_head, stack_flora
+from ..lora.components import a_key, b_key, lora_modules
 from ..lora.state import LoraState, to_array_record
 from .base import ARRAYS_KEY, CONFIG_KEY
 from .hetlora import HetLoRA
@@ -122,16 +122,8 @@ class FLoRA(HetLoRA):
         for m, pair in stack_flora(global_state, uploads).items():
             self.stacks.setdefault(m, []).append(pair)
         # The next round starts from the fresh adapter; the head is FedAvg'd.
-        weights = np.array([u.weight for u in uploads], dtype=np.float64)
-        weights /= weights.sum()
-        out: LoraState = OrderedDict()
-        for key in global_state:
-            if key in self.fresh:
-                out[key] = self.fresh[key].copy()
-        for key in other_keys(global_state):
-            delta = sum(w * up.delta[key] for w, up in zip(weights, uploads, strict=True))
-            out[key] = (global_state[key] + delta).astype(np.float32)
-        return OrderedDict((k, out[k]) for k in global_state)
+        fresh = OrderedDict((k, v.copy()) for k, v in self.fresh.items())
+        return fedavg_head(global_state, uploads, fresh)
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta, arrays = super().state_dict()
