@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "train.learning-rate": 5e-4,
     "train.head-learning-rate": 2e-3,
     "train.weight-decay": 0.0,
+    "train.gradient-checkpointing": False,
     "eval.batch-size": 32,
     "strategy.name": "fedit",
     "strategy.mode": "freeze",
@@ -141,6 +142,9 @@ class TrainConfig:
     head_learning_rate: float
     weight_decay: float
     eval_batch_size: int
+    # Recompute each block's activations in backward instead of keeping them: less
+    # peak memory for more compute per step (docs/benchmarks.md has both measured).
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -363,6 +367,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         head_learning_rate=_positive(cfg, "train.head-learning-rate", float, allow_zero=True),
         weight_decay=_positive(cfg, "train.weight-decay", float, allow_zero=True),
         eval_batch_size=_positive(cfg, "eval.batch-size", int),
+        gradient_checkpointing=_get(cfg, "train.gradient-checkpointing", bool),
     )
 
     importance = ImportanceConfig(

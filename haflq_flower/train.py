@@ -93,6 +93,27 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
+def set_gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch activation recomputation in the transformer blocks on or off.
+
+    Non-reentrant checkpointing (transformers' default): LoRA gradients are the same as
+    without it, only the activations of a block are recomputed in backward.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if enabled == base.is_activation_checkpointing:
+        return
+    if not enabled:
+        base.activation_checkpointing_disable()
+        base.disable_input_require_grads()
+        return
+    if not base.supports_gradient_checkpointing:
+        raise ValueError(
+            f"{type(base).__name__} does not support gradient checkpointing; "
+            "set train.gradient-checkpointing=false"
+        )
+    base.activation_checkpointing_enable({"use_reentrant": False})
+
+
 def sample_batches(num_rows: int, steps: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
     """Seeded epochs of shuffled row indices, cut into ``steps`` batches."""
     rng = np.random.default_rng(seed)
@@ -125,6 +146,7 @@ def train_local(
     if len(frame) == 0:
         raise ValueError("cannot train on an empty partition")
     torch.manual_seed(seed)
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     model.train()
     optimizer = make_optimizer(model, cfg)
     texts = frame["text"].tolist()

@@ -361,3 +361,47 @@ def test_client_model_is_reused_while_the_pattern_holds_and_rebuilt_when_it_chan
     assert second is not first and block_bits_of(second) == (16, 8)
     assert len(client_app._MODEL_CACHE) == 1  # the old model is not kept alive
     client_app._MODEL_CACHE.clear()
+
+
+@pytest.mark.parametrize("pattern", [(4, 16), (8, 8)])
+def test_gradient_checkpointing_gives_the_same_lora_gradients_and_keeps_less(tiny_config, pattern):
+    from haflq_flower.train import set_gradient_checkpointing
+
+    cfg = tiny_config(model__compute_dtype="float32", lora__dropout=0.0)
+    model, tokenizer = load_lora_model(
+        cfg.model, cfg.lora, 2, seed=0, device=CPU, block_bits=pattern
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    batch = tokenize(tokenizer, ["a fine film", "a dull film", "so so"], 32)
+
+    def step() -> tuple[dict[str, torch.Tensor], int]:
+        saved = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        model.zero_grad(set_to_none=True)
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**batch, labels=torch.tensor([1, 0, 1])).loss
+        loss.backward()
+        return {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }, saved[0]
+
+    plain, plain_saved = step()
+    set_gradient_checkpointing(model, True)
+    assert model.get_base_model().is_activation_checkpointing
+    ckpt, ckpt_saved = step()
+    assert ckpt.keys() == plain.keys() and any("lora_A" in n for n in ckpt)
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, rtol=1e-5, atol=1e-7)
+    assert ckpt_saved < plain_saved / 2  # only block inputs stay alive across the forward
+    set_gradient_checkpointing(model, False)
+    assert not model.get_base_model().is_activation_checkpointing
+    _, again = step()
+    assert again == plain_saved
