@@ -13,9 +13,22 @@ run ``--steps`` local training steps on the task, and report
 
 Patterns: uniform 16/8/4 bits and the salience patterns of the three tiers of
 ``benchmarks/block_precision.py`` (gradient salience from 16 training rows, the same
-allocation the federated run uses).
+allocation the federated run uses). Each pattern runs without and with
+``train.gradient-checkpointing`` (``--checkpointing``).
+
+"Training memory" is the peak RSS minus the RSS before the model was loaded: on CPU the
+runtime (Python, torch, data, tokenizer: ~500 MB) is in every client's RSS whatever its
+base precision, as the CUDA context is on a GPU, where ``max_memory_allocated`` leaves
+it out. Both figures are reported.
+
+``--override`` measures a random-initialized model of another shape (SmolLM2's config
+with the given fields changed; memory does not depend on the weights' values), e.g. a
+1.1B-parameter Llama shape:
 
     python benchmarks/block_memory.py --out outputs/bench-memory
+    python benchmarks/block_memory.py --out outputs/bench-memory-1b --steps 2 \
+        --override "hidden_size=2048 intermediate_size=5632 num_hidden_layers=22 \
+                    num_attention_heads=32 num_key_value_heads=4 tie_word_embeddings=False"
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def measure(pattern: str, steps: int, model_name: str, metric: str) -> dict:
+def measure(pattern: str, steps: int, model_name: str, checkpointing: bool) -> dict:
     """Runs in the child process."""
     import torch
 
@@ -42,7 +55,13 @@ def measure(pattern: str, steps: int, model_name: str, metric: str) -> dict:
     from haflq_flower.train import _rss_bytes, train_local
 
     torch.set_num_threads(2)
-    cfg = parse_run_config({"model.name": model_name, "train.local-steps": 1})
+    cfg = parse_run_config(
+        {
+            "model.name": model_name,
+            "train.local-steps": 1,
+            "train.gradient-checkpointing": checkpointing,
+        }
+    )
     task = load_task(cfg.data)
     device = select_device()
     runtime_rss = _rss_bytes()
@@ -71,6 +90,7 @@ def measure(pattern: str, steps: int, model_name: str, metric: str) -> dict:
     result = train(steps, seed=1)
     return {
         "pattern": pattern,
+        "checkpointing": checkpointing,
         "device": str(device),
         "weight_bytes": base_weight_bytes(model),
         "peak_mem_bytes": result.peak_mem_bytes,
@@ -108,51 +128,100 @@ def patterns(model_name: str, metric: str) -> dict[str, str]:
     return out
 
 
+def override_model(override: str, out: Path) -> str:
+    """Save (once) a random-initialized model: SmolLM2's config with ``override`` applied."""
+    import hashlib
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from haflq_flower.config import parse_run_config
+    from haflq_flower.model import resolve_model_path
+
+    target = out / f"model-{hashlib.sha256(override.encode()).hexdigest()[:12]}"
+    if (target / "config.json").exists():
+        return str(target)
+    source = resolve_model_path(parse_run_config({}).model)
+    config = AutoConfig.from_pretrained(source)
+    for item in override.split():
+        key, _, value = item.partition("=")
+        current = getattr(config, key)
+        setattr(config, key, value == "True" if isinstance(current, bool) else type(current)(value))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"random-initialized model: {params / 1e9:.2f}B parameters in {target}", flush=True)
+    return str(target)
+
+
+def table(rows: list[dict], steps: int) -> str:
+    base8 = {r["checkpointing"]: r for r in rows if r["name"] == "uniform-8"}
+    lines = [
+        "| base | blocks at 4/8/16 bits | checkpointing | weights (MiB) "
+        "| peak RSS (MiB) | vs uniform-8 | training memory (MiB) | vs uniform-8 "
+        "| RSS before / after load (MiB) | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ref = base8[r["checkpointing"]]
+        levels = [int(b) for b in r["pattern"].split(",")]
+        counts = "/".join(str(levels.count(b)) for b in (4, 8, 16))
+        train_mem = r["peak_mem_bytes"] - r["runtime_rss_bytes"]
+        ref_train = ref["peak_mem_bytes"] - ref["runtime_rss_bytes"]
+        lines.append(
+            f"| {r['name']} | {counts} | {'on' if r['checkpointing'] else 'off'} | "
+            f"{r['weight_bytes'] / 2**20:.1f} | {r['peak_mem_bytes'] / 2**20:.0f} | "
+            f"{100 * (r['peak_mem_bytes'] / ref['peak_mem_bytes'] - 1):+.1f}% | "
+            f"{train_mem / 2**20:.0f} | {100 * (train_mem / ref_train - 1):+.1f}% | "
+            f"{r['runtime_rss_bytes'] / 2**20:.0f} / {r['loaded_rss_bytes'] / 2**20:.0f} | "
+            f"{r['step_s']:.2f} |"
+        )
+    device = rows[0]["device"]
+    return "\n".join(lines) + f"\n\nDevice: {device}; {steps} steps, batch 8.\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--override", default="", help="random model of another shape")
     parser.add_argument("--metric", default="gradient")
+    parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.model, args.metric)))
+        result = measure(args.child, args.steps, args.model, args.child_checkpointing)
+        print(json.dumps(result))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    model = override_model(args.override, out) if args.override else args.model
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     rows = []
-    for name, pattern in patterns(args.model, args.metric).items():
-        cmd = [sys.executable, __file__, "--out", str(out), "--steps", str(args.steps)]
-        cmd += ["--model", args.model, "--child", pattern]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        row = {"name": name, **json.loads(proc.stdout.strip().splitlines()[-1])}
-        rows.append(row)
-        mib = {k: row[k] / 2**20 for k in ("weight_bytes", "peak_mem_bytes", "runtime_rss_bytes")}
-        print(
-            f"{name:22s} weights {mib['weight_bytes']:7.1f} MiB  peak "
-            f"{mib['peak_mem_bytes']:7.0f} MiB  runtime {mib['runtime_rss_bytes']:5.0f} MiB  "
-            f"{row['step_s']:.2f} s/step",
-            flush=True,
-        )
-    (out / "memory.json").write_text(json.dumps(rows, indent=2))
-    base8 = next(r for r in rows if r["name"] == "uniform-8")
-    lines = [
-        "| base | blocks at 4/8/16 bits | weights (MiB) | peak training memory (MiB) "
-        "| vs uniform-8 | RSS before / after load (MiB) | s/step |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        levels = [int(b) for b in r["pattern"].split(",")]
-        counts = "/".join(str(levels.count(b)) for b in (4, 8, 16))
-        change = r["peak_mem_bytes"] / base8["peak_mem_bytes"] - 1
-        lines.append(
-            f"| {r['name']} | {counts} | {r['weight_bytes'] / 2**20:.1f} | "
-            f"{r['peak_mem_bytes'] / 2**20:.0f} | {100 * change:+.1f}% | "
-            f"{r['runtime_rss_bytes'] / 2**20:.0f} / {r['loaded_rss_bytes'] / 2**20:.0f} | "
-            f"{r['step_s']:.2f} |"
-        )
-    text = "\n".join(lines) + f"\n\nDevice: {rows[0]['device']}; {args.steps} steps, batch 8.\n"
+    for name, pattern in patterns(model, args.metric).items():
+        for checkpointing in modes:
+            cmd = [sys.executable, __file__, "--out", str(out), "--steps", str(args.steps)]
+            cmd += ["--model", model, "--child", pattern]
+            cmd += ["--child-checkpointing"] if checkpointing else []
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"pattern {name} failed (exit {proc.returncode})")
+            row = {"name": name, **json.loads(proc.stdout.strip().splitlines()[-1])}
+            rows.append(row)
+            mib = {k: row[k] / 2**20 for k in ("weight_bytes", "peak_mem_bytes")}
+            print(
+                f"{name:22s} ckpt {'on ' if checkpointing else 'off'} weights "
+                f"{mib['weight_bytes']:7.1f} MiB  peak {mib['peak_mem_bytes']:7.0f} MiB  "
+                f"runtime {row['runtime_rss_bytes'] / 2**20:5.0f} MiB  {row['step_s']:.2f} s/step",
+                flush=True,
+            )
+            (out / "memory.json").write_text(json.dumps(rows, indent=2))
+    text = table(rows, args.steps)
     (out / "memory.md").write_text(text)
     print(text)
     return 0

@@ -24,6 +24,7 @@ from haflq_flower.quant.blocks import (
     upgrade_order,
 )
 from haflq_flower.quant.mixed import (
+    Linear8bitFrozen,
     Linear16,
     apply_block_bits,
     base_weight_bytes,
@@ -132,7 +133,7 @@ def test_pattern_builds_real_modules_with_exact_bytes_and_lora_grads(tiny_config
     model, tokenizer = load_lora_model(
         cfg.model, cfg.lora, 2, seed=0, device=CPU, block_bits=pattern
     )
-    kinds = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt, 16: Linear16}
+    kinds = {4: bnb.nn.Linear4bit, 8: Linear8bitFrozen, 16: Linear16}
     for block, bits in zip(transformer_blocks(model), pattern, strict=True):
         base_layers = [m.base_layer for n, m in block.named_modules() if hasattr(m, "base_layer")]
         assert base_layers and all(type(b) is kinds[bits] for b in base_layers)
@@ -405,3 +406,50 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients_and_keeps_less(tin
     assert not model.get_base_model().is_activation_checkpointing
     _, again = step()
     assert again == plain_saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_int8_layer_matches_bitsandbytes_and_keeps_no_input(dtype):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(96, 40, bias=True)
+    ours = apply_to_one(dense, dtype)
+    theirs = apply_to_one(dense, dtype)
+    theirs.__class__ = bnb.nn.Linear8bitLt  # bitsandbytes' own CPU training path
+    assert isinstance(ours, bnb.nn.Linear8bitLt) and ours.weight.dtype == torch.int8
+    x = torch.randn(3, 5, 96, dtype=dtype)
+    outs, grads, kept = [], [], []
+    for layer in (ours, theirs):
+        layer.train()
+        xi = x.clone().requires_grad_(True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(_keep(saved), lambda t: t):
+            out = layer(xi)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(xi.grad)
+        kept.append(saved)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    # only the int8 weight and its row scales are kept: no activation-sized tensor
+    assert [(t.dtype, tuple(t.shape)) for t in kept[0]] == [
+        (torch.int8, (40, 96)),
+        (ours.state.SCB.dtype, (40,)),
+    ]
+    # evaluation is bitsandbytes' own int8 inference path
+    ours.eval()
+    with torch.no_grad():
+        assert ours(x).shape == (3, 5, 40)
+
+
+def _keep(saved: list[torch.Tensor]):
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    return pack
+
+
+def apply_to_one(dense: torch.nn.Linear, dtype: torch.dtype) -> torch.nn.Module:
+    from haflq_flower.quant.mixed import _quantized_linear
+
+    return _quantized_linear(dense, 8, dtype, "nf4", CPU)

@@ -2,9 +2,10 @@
 measure what the model's weights take.
 
 Every ``nn.Linear`` inside transformer block ``i`` becomes ``bnb.nn.Linear4bit`` (NF4 or
-FP4, fp32 absmax per 64 weights), ``bnb.nn.Linear8bitLt`` (LLM.int8, outlier threshold
-6.0, like transformers' ``load_in_8bit``) or :class:`Linear16` (16-bit storage). The
-rest of the model stays as loaded. Call this before PEFT wraps the model: PEFT then
+FP4, fp32 absmax per 64 weights), :class:`Linear8bitFrozen` (bitsandbytes'
+``Linear8bitLt``: LLM.int8 storage, outlier threshold 6.0, like transformers'
+``load_in_8bit``) or :class:`Linear16` (16-bit storage). The rest of the model stays as
+loaded. Call this before PEFT wraps the model: PEFT then
 dispatches its bnb-aware LoRA layers onto the quantized modules.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -54,6 +56,55 @@ class Linear16(nn.Linear):
         if x.dtype == self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         return _UpcastLinear.apply(x, self.weight, self.bias)
+
+
+class _FrozenInt8Linear(torch.autograd.Function):
+    """``x W^T + b`` with ``W = CB * SCB / 127`` (int8 rows, frozen), saving no activation.
+
+    The numbers are bitsandbytes' CPU training path (``MatMul8bitFp``: dequantize to the
+    input's dtype, then a float matmul), but only the int8 weight is kept for backward:
+    ``MatMul8bitFp`` keeps every layer's input on ``ctx``, outside autograd's saved
+    tensors, which also defeats gradient checkpointing.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cb, scb, bias):
+        ctx.save_for_backward(cb, scb)
+        ctx.x_shape = x.shape
+        weight = cb.to(x.dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cb, scb = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = cb.to(grad.dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+            grad_x = grad.reshape(-1, grad.shape[-1]).matmul(weight).view(ctx.x_shape)
+        return grad_x, None, None, None
+
+
+class Linear8bitFrozen(bnb.nn.Linear8bitLt):
+    """bitsandbytes' ``Linear8bitLt`` (LLM.int8 storage) whose CPU training forward keeps
+    no layer input for backward (:class:`_FrozenInt8Linear`).
+
+    Evaluation and CUDA use bitsandbytes' own kernels unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and x.device.type == "cpu" and torch.is_grad_enabled()):
+            return super().forward(x)
+        self.state.is_training = True
+        if self.weight.CB is not None:
+            self.init_8bit_state()
+        if self.state.CB is None or self.state.SCB is None:
+            return super().forward(x)
+        bias = self.bias
+        if bias is not None and bias.requires_grad:
+            return super().forward(x)  # a trainable bias needs bitsandbytes' own backward
+        if bias is not None and bias.dtype != x.dtype:
+            bias.data = bias.data.to(x.dtype)
+        return _FrozenInt8Linear.apply(x, self.state.CB, self.state.SCB, bias)
 
 
 class Embedding16(nn.Embedding):
@@ -121,7 +172,6 @@ def _quantized_linear(
     four_bit_type: str,
     device: torch.device,
 ) -> nn.Module:
-    import bitsandbytes as bnb
 
     has_bias = old.bias is not None
     weight = old.weight.data
@@ -143,7 +193,7 @@ def _quantized_linear(
             weight.float(), requires_grad=False, compress_statistics=False, quant_type=four_bit_type
         )
     elif bits == 8:
-        new = bnb.nn.Linear8bitLt(
+        new = Linear8bitFrozen(
             old.in_features,
             old.out_features,
             bias=has_bias,
@@ -188,7 +238,6 @@ def apply_block_bits(
 
 def block_bits_of(model: nn.Module) -> tuple[int, ...]:
     """The storage level of each block, read back from its modules (4, 8 or 16)."""
-    import bitsandbytes as bnb
 
     levels = []
     for block in transformer_blocks(model):
