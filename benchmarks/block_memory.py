@@ -21,6 +21,11 @@ runtime (Python, torch, data, tokenizer: ~500 MB) is in every client's RSS whate
 base precision, as the CUDA context is on a GPU, where ``max_memory_allocated`` leaves
 it out. Both figures are reported.
 
+``--malloc-mmap-threshold BYTES`` runs the children with glibc's
+``MALLOC_MMAP_THRESHOLD_`` set: every allocation above it gets its own mapping, returned
+to the OS when freed, so RSS follows live memory instead of what glibc's heap keeps after
+transient buffers (bitsandbytes dequantizes every quantized layer in every call).
+
 ``--override`` measures a random-initialized model of another shape (SmolLM2's config
 with the given fields changed; memory does not depend on the weights' values), e.g. a
 1.1B-parameter Llama shape:
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", default="", help="random model of another shape")
     parser.add_argument("--metric", default="gradient")
     parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=0, help="bytes; 0: glibc's")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -207,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--out", str(out), "--steps", str(args.steps)]
             cmd += ["--model", model, "--child", pattern]
             cmd += ["--child-checkpointing"] if checkpointing else []
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ)
+            if args.malloc_mmap_threshold:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-4000:])
                 raise SystemExit(f"pattern {name} failed (exit {proc.returncode})")
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             (out / "memory.json").write_text(json.dumps(rows, indent=2))
     text = table(rows, args.steps)
+    if args.malloc_mmap_threshold:
+        text += f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}.\n"
     (out / "memory.md").write_text(text)
     print(text)
     return 0
