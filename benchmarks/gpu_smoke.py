@@ -136,13 +136,13 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+        if args.out:  # row by row: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(rows, indent=2))
         # PEFT models hold reference cycles: collect them, or the next row's peak includes
         # this model's weights.
         del model, tok, ctx, view
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
 
 
 def _lora_grads_nonzero(model, tok, frame, device) -> bool:
