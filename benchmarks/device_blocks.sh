@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 4's CUDA checks as one run on a lent GPU machine (a session gets 15 minutes of
-# device time, the machine's start included; about 9 minutes of it on the machine, within one 600 s call):
+# Issue 4's CUDA checks as one run on a lent GPU machine: a session gets 15 minutes of
+# device time, the machine's start included; this stays inside one 600 s call.
 #
 #   1. benchmarks/gpu_smoke.py at SmolLM2-135M's shape: NF4 through transformers, and the
 #      block-wise bases uniform 4, 8, 16 and a 4/8/16 mix built by quant.mixed: the
