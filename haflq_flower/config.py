@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "tiers.distances-km": "",
     "tiers.memory-mb": "",
     "blocks.precision": "off",
-    "blocks.salience-metric": "quantization",
+    "blocks.salience-metric": "recovery",
     "blocks.calibration-rows": 16,
     "blocks.calibration-clients": 2,
     "channel.bandwidth-hz": 1e6,

@@ -34,7 +34,7 @@ from haflq_flower.quant.mixed import (
     store_embeddings_16bit,
     transformer_blocks,
 )
-from haflq_flower.quant.salience import block_salience
+from haflq_flower.quant.salience import METRICS, block_salience
 from haflq_flower.train import autocast_for
 
 CPU = torch.device("cpu")
@@ -242,7 +242,12 @@ def _add_outliers(block) -> None:
 
 @pytest.mark.parametrize(
     "metric, damage",
-    [("gradient", _scale_outputs), ("influence", _scale_outputs), ("quantization", _add_outliers)],
+    [
+        ("gradient", _scale_outputs),
+        ("influence", _scale_outputs),
+        ("quantization", _add_outliers),
+        ("recovery", _add_outliers),
+    ],
 )
 def test_a_damaged_block_ranks_highest(metric, damage):
     """Damaging block 2 the way each metric is meant to notice makes it rank first."""
@@ -257,11 +262,22 @@ def test_a_damaged_block_ranks_highest(metric, damage):
     assert after[2] > before[2]
 
 
+def test_recovery_equals_quantization_for_a_single_block():
+    """With one block, restoring it recovers all of the all-4-bit KL, which is exactly
+    what quantizing it alone costs: the two metrics must agree to rounding."""
+    model = _lm(num_layers=1)
+    batch = _batch()
+    quant = block_salience(model, batch, "quantization")
+    recovery = block_salience(model, batch, "recovery")
+    assert quant[0] > 0
+    np.testing.assert_allclose(recovery, quant, rtol=1e-5)
+
+
 def test_salience_leaves_the_model_unchanged():
     model = _lm()
     batch = _batch()
     exact = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for metric in ("gradient", "influence", "quantization"):
+    for metric in METRICS:
         block_salience(model, batch, metric)
     for n, p in model.named_parameters():
         assert torch.equal(p, exact[n]) and p.grad is None

@@ -64,6 +64,6 @@ def test_block_precision_needs_a_strategy_that_assigns_patterns():
     cfg = parse_run_config(
         {"blocks.precision": "salience", "strategy.name": "haflq", "tiers.memory-mb": "1,2,0"}
     )
-    assert cfg.strategy.blocks.enabled and cfg.strategy.blocks.salience_metric == "quantization"
+    assert cfg.strategy.blocks.enabled and cfg.strategy.blocks.salience_metric == "recovery"
     budgets = [p.memory_budget_bytes for p in cfg.strategy.tiers.profiles]
     assert budgets == [2**20, 2 * 2**20, float("inf")]

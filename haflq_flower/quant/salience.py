@@ -1,6 +1,6 @@
 """Block salience: how much each transformer block matters, from one calibration batch.
 
-Three metrics, each one number per block (higher = keep at higher precision):
+Four metrics, each one number per block (higher = keep at higher precision):
 
 - ``gradient``: gradient sensitivity ``sum |w * dL/dw|`` over the block's linear weights
   (the first-order estimate of the loss change if the block's weights were removed);
@@ -13,6 +13,13 @@ Three metrics, each one number per block (higher = keep at higher precision):
   sign on a small batch (measured on SmolLM2-135M, 16 rows: 10 of 30 blocks showed a
   loss *decrease* under quantization); the KL form is never negative and is the
   expected loss increase when the exact model is right.
+- ``recovery``: the same KL measured at the allocation's own starting point: with every
+  block's linear weights NF4-rounded, how much of the KL to the exact model is recovered
+  when only this block is restored to exact weights. ``quantization`` asks what 4 bits
+  cost one block of an otherwise exact model; ``recovery`` asks what upgrading one block
+  buys in an otherwise 4-bit model, which is the decision the allocation makes (errors of
+  earlier blocks change what a later block's error does). Same cost: one forward pass
+  per block. Recovered KL can be slightly negative on a small batch; it is clipped at 0.
 
 The gradient metric uses the base model's own next-token loss on the calibration text:
 it needs no labels and no trained head, so salience is meaningful before the first
@@ -121,10 +128,44 @@ def quantization_salience(model: nn.Module, batch: dict[str, torch.Tensor]) -> n
     return np.asarray(scores, dtype=np.float64)
 
 
+def recovery_salience(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    blocks = transformer_blocks(model)
+    linears = [[lin for _, lin in block_linears(b)] for b in blocks]
+    exact = [[lin.weight.data for lin in ls] for ls in linears]
+    with torch.no_grad():
+        exact_lp = _next_token_log_probs(model, batch)
+        exact_p = exact_lp.exp()
+
+        def kl_to_exact() -> float:
+            return float(
+                (exact_p * (exact_lp - _next_token_log_probs(model, batch))).sum(-1).mean()
+            )
+
+        try:
+            for ls, ws in zip(linears, exact, strict=True):
+                for lin, w in zip(ls, ws, strict=True):
+                    lin.weight.data = nf4_round_trip(w)
+            all_4bit = kl_to_exact()
+            scores = []
+            for ls, ws in zip(linears, exact, strict=True):
+                rounded = [lin.weight.data for lin in ls]
+                for lin, w in zip(ls, ws, strict=True):
+                    lin.weight.data = w
+                scores.append(max(all_4bit - kl_to_exact(), 0.0))
+                for lin, w in zip(ls, rounded, strict=True):
+                    lin.weight.data = w
+        finally:
+            for ls, ws in zip(linears, exact, strict=True):
+                for lin, w in zip(ls, ws, strict=True):
+                    lin.weight.data = w
+    return np.asarray(scores, dtype=np.float64)
+
+
 _METRIC_FUNCTIONS = {
     "gradient": gradient_salience,
     "influence": influence_salience,
     "quantization": quantization_salience,
+    "recovery": recovery_salience,
 }
 METRICS = tuple(_METRIC_FUNCTIONS)
 
