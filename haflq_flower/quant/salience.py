@@ -107,57 +107,56 @@ def _next_token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> t
     return torch.log_softmax(logits.float(), dim=-1)[batch["attention_mask"].bool()]
 
 
+def _kl_to_exact(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], float]:
+    """A function giving the model's current mean KL(p_exact || p_now) over real tokens,
+    where p_exact is the next-token distribution of the model as it is now."""
+    exact_lp = _next_token_log_probs(model, batch)
+    exact_p = exact_lp.exp()
+
+    def kl() -> float:
+        return float((exact_p * (exact_lp - _next_token_log_probs(model, batch))).sum(-1).mean())
+
+    return kl
+
+
+def _set_weights(linears: list[nn.Module], weights: list[torch.Tensor]) -> None:
+    for lin, w in zip(linears, weights, strict=True):
+        lin.weight.data = w
+
+
 def quantization_salience(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
-    blocks = transformer_blocks(model)
+    linears = [[lin for _, lin in block_linears(b)] for b in transformer_blocks(model)]
+    scores = []
     with torch.no_grad():
-        exact_lp = _next_token_log_probs(model, batch)
-        exact_p = exact_lp.exp()
-        scores = []
-        for block in blocks:
-            linears = [lin for _, lin in block_linears(block)]
-            exact = [lin.weight.data for lin in linears]
-            for lin in linears:
-                lin.weight.data = nf4_round_trip(lin.weight.data)
+        kl = _kl_to_exact(model, batch)
+        for ls in linears:
+            exact = [lin.weight.data for lin in ls]
+            _set_weights(ls, [nf4_round_trip(w) for w in exact])
             try:
-                quant_lp = _next_token_log_probs(model, batch)
-                kl = (exact_p * (exact_lp - quant_lp)).sum(-1).mean()
-                scores.append(max(float(kl), 0.0))
+                scores.append(max(kl(), 0.0))
             finally:
-                for lin, w in zip(linears, exact, strict=True):
-                    lin.weight.data = w
+                _set_weights(ls, exact)
     return np.asarray(scores, dtype=np.float64)
 
 
 def recovery_salience(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
-    blocks = transformer_blocks(model)
-    linears = [[lin for _, lin in block_linears(b)] for b in blocks]
+    linears = [[lin for _, lin in block_linears(b)] for b in transformer_blocks(model)]
     exact = [[lin.weight.data for lin in ls] for ls in linears]
+    scores = []
     with torch.no_grad():
-        exact_lp = _next_token_log_probs(model, batch)
-        exact_p = exact_lp.exp()
-
-        def kl_to_exact() -> float:
-            return float(
-                (exact_p * (exact_lp - _next_token_log_probs(model, batch))).sum(-1).mean()
-            )
-
+        kl = _kl_to_exact(model, batch)
+        rounded = [[nf4_round_trip(w) for w in ws] for ws in exact]
         try:
-            for ls, ws in zip(linears, exact, strict=True):
-                for lin, w in zip(ls, ws, strict=True):
-                    lin.weight.data = nf4_round_trip(w)
-            all_4bit = kl_to_exact()
-            scores = []
-            for ls, ws in zip(linears, exact, strict=True):
-                rounded = [lin.weight.data for lin in ls]
-                for lin, w in zip(ls, ws, strict=True):
-                    lin.weight.data = w
-                scores.append(max(all_4bit - kl_to_exact(), 0.0))
-                for lin, w in zip(ls, rounded, strict=True):
-                    lin.weight.data = w
+            for ls, ws in zip(linears, rounded, strict=True):
+                _set_weights(ls, ws)
+            all_4bit = kl()
+            for ls, ws, rs in zip(linears, exact, rounded, strict=True):
+                _set_weights(ls, ws)  # only this block exact
+                scores.append(max(all_4bit - kl(), 0.0))
+                _set_weights(ls, rs)
         finally:
             for ls, ws in zip(linears, exact, strict=True):
-                for lin, w in zip(ls, ws, strict=True):
-                    lin.weight.data = w
+                _set_weights(ls, ws)
     return np.asarray(scores, dtype=np.float64)
 
 
