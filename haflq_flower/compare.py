@@ -14,7 +14,7 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from . import launch
 from .config import parse_run_config
 
 # Named arms: run-config overrides on top of the common config.
-ARMS: dict[str, dict[str, Any]] = {
+ARMS: dict[str, dict[str, Any] | Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     # every client at the global rank R: the homogeneous upper bound
     "fedit": {"strategy.name": "fedit"},
     "hetlora": {"strategy.name": "hetlora"},
@@ -72,7 +72,7 @@ ARMS.update(
 # full-precision uploads).
 ARMS["haflq-full"] = {**ARMS["haflq-quant"], "blocks.precision": "salience"}
 ARMS["paper-baseline"] = {
-    **ARMS["hetlora"],
+    "strategy.name": "hetlora",
     "blocks.precision": "uniform-8",
     "payload.uplink": "fp32",
 }
@@ -86,6 +86,35 @@ for _name, _precision in (
     ("blocks-salience", "salience"),
 ):
     ARMS[_name] = {**ARMS["haflq"], "blocks.precision": _precision}
+
+
+def bound_low(common: Mapping[str, Any]) -> dict[str, Any]:
+    """FedIT with every client at the smallest tier rank r_min, at the heterogeneous arms'
+    LoRA scale: ``lora.alpha`` scaled by r_min / R so that alpha/r_min equals their
+    alpha/R (the same alpha at a lower rank would multiply the update's scale)."""
+    cfg = parse_run_config({k: v for k, v in common.items() if k != "output.dir"})
+    rank = cfg.lora.rank
+    r_min = min(p.budget(rank) for p in cfg.strategy.tiers.profiles)
+    return {
+        "strategy.name": "fedit",
+        "lora.rank": r_min,
+        "lora.alpha": cfg.lora.alpha * r_min / rank,
+    }
+
+
+# The bounds every heterogeneous arm sits between (docs/benchmarks.md): FedIT with every
+# client at the global rank R, and FedIT with every client at the smallest tier rank.
+ARMS["bound-high"] = {"strategy.name": "fedit"}
+ARMS["bound-low"] = bound_low
+# HAFL: HAFLQ's selection and aggregation with full-precision uploads (so a gap can be
+# pinned on payload quantization or on selection and aggregation)
+ARMS["haflq-fp32"] = {**ARMS["haflq"], "payload.uplink": "fp32"}
+
+
+def arm_overrides(arm: str, common: Mapping[str, Any]) -> dict[str, Any]:
+    """The run-config overrides of ``arm`` on top of ``common``."""
+    entry = ARMS[arm]
+    return dict(entry(common) if callable(entry) else entry)
 
 
 def config_string(config: Mapping[str, Any]) -> str:
@@ -130,7 +159,7 @@ def run_grid(
             if _complete(run_dir / "results.json"):
                 print(f"[compare] {run_dir.name}: already finished, skipped", flush=True)
                 continue
-            config = {**common, **ARMS[arm], "seed": seed}
+            config = {**common, **arm_overrides(arm, common), "seed": seed}
             print(f"[compare] {run_dir.name}: {config_string(config)}", flush=True)
             code = launch.main(
                 [

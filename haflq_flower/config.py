@@ -29,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
     "model.compute-dtype": "auto",
     "model.max-length": 64,
     "model.cache-dir": "",
+    "model.head-init": "random",
+    "model.label-words": "",
     "lora.rank": 8,
     "lora.alpha": 16,
     "lora.dropout": 0.05,
@@ -41,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "data.dirichlet-alpha": 0.5,
     "data.test-per-class": 150,
     "data.max-train-examples": 0,
+    "data.validation-per-class": 0,
+    "data.template": "",
     "train.local-steps": 16,
     "train.batch-size": 8,
     "train.learning-rate": 5e-4,
@@ -48,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "train.weight-decay": 0.0,
     "train.gradient-checkpointing": False,
     "eval.batch-size": 32,
+    "eval.split": "test",
+    "eval.predictions": True,
     "strategy.name": "fedit",
     "strategy.mode": "freeze",
     "strategy.aggregation": "adaptive",
@@ -92,6 +98,8 @@ AGGREGATIONS = ("adaptive", "zero-pad")
 TIE_BREAKS = ("index", "seed")
 UPLINKS = ("auto", "adaptive", "fp16", "fp32")
 DOWNLINK_BITS = (8, 16, 32)
+HEAD_INITS = ("random", "label-words")
+EVAL_SPLITS = ("test", "validation")
 BLOCK_PRECISIONS = ("off", "uniform-4", "uniform-8", "uniform-16", "salience", "random")
 
 
@@ -106,6 +114,10 @@ class ModelConfig:
     compute_dtype: str
     max_length: int
     cache_dir: Path
+    # "label-words": the classification head starts as the LM head's rows of one word per
+    # label (the model answers with a label word); "random": a fresh seeded head.
+    head_init: str = "random"
+    label_words: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,11 @@ class DataConfig:
     test_per_class: int
     max_train_examples: int
     seed: int
+    # Balanced rows per label held out of the training pool for choosing learning rates
+    # and rounds (``eval.split="validation"``); 0 = none.
+    validation_per_class: int = 0
+    # Prompt around every text, e.g. "Review: {text}\nSentiment:"; "" = the text as is.
+    template: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,6 +159,10 @@ class TrainConfig:
     head_learning_rate: float
     weight_decay: float
     eval_batch_size: int
+    # The split the server evaluates on every round ("test" or "validation"), and whether
+    # it writes every row's predicted label to predictions.npz.
+    eval_split: str = "test"
+    eval_predictions: bool = True
     # Recompute each block's activations in backward instead of keeping them: less
     # peak memory for more compute per step (docs/benchmarks.md has both measured).
     gradient_checkpointing: bool = False
@@ -289,6 +310,16 @@ def _unit_interval(cfg: Mapping[str, Any], key: str) -> float:
     return value
 
 
+def _template(cfg: Mapping[str, Any]) -> str:
+    value = _get(cfg, "data.template", str)
+    if value and value.count("{text}") != 1:
+        raise ConfigError(
+            f"run config 'data.template' must contain '{{text}}' exactly once, got {value!r}. "
+            'Example: data.template="Review: {text}\\nSentiment:"'
+        )
+    return value
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
@@ -332,6 +363,8 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         compute_dtype=_compute_dtype(cfg),
         max_length=_positive(cfg, "model.max-length", int),
         cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
+        head_init=_choice(cfg, "model.head-init", HEAD_INITS),
+        label_words=_csv(_get(cfg, "model.label-words", str)),
     )
 
     targets = _csv(_get(cfg, "lora.target-modules", str))
@@ -358,6 +391,8 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         test_per_class=_positive(cfg, "data.test-per-class", int),
         max_train_examples=_positive(cfg, "data.max-train-examples", int, allow_zero=True),
         seed=seed,
+        validation_per_class=_positive(cfg, "data.validation-per-class", int, allow_zero=True),
+        template=_template(cfg),
     )
 
     train = TrainConfig(
@@ -367,8 +402,16 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         head_learning_rate=_positive(cfg, "train.head-learning-rate", float, allow_zero=True),
         weight_decay=_positive(cfg, "train.weight-decay", float, allow_zero=True),
         eval_batch_size=_positive(cfg, "eval.batch-size", int),
+        eval_split=_choice(cfg, "eval.split", EVAL_SPLITS),
+        eval_predictions=_get(cfg, "eval.predictions", bool),
         gradient_checkpointing=_get(cfg, "train.gradient-checkpointing", bool),
     )
+
+    if train.eval_split == "validation" and not data.validation_per_class:
+        raise ConfigError(
+            "run config 'eval.split' is 'validation' but 'data.validation-per-class' is 0: "
+            "hold out a validation split, e.g. data.validation-per-class=200"
+        )
 
     importance = ImportanceConfig(
         beta1=_unit_interval(cfg, "importance.beta1"),

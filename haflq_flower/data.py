@@ -47,6 +47,18 @@ class TaskData:
     train: pd.DataFrame
     test: pd.DataFrame
     label_names: tuple[str, ...]
+    # held out of ``train`` when ``data.validation-per-class`` > 0 (else empty)
+    validation: pd.DataFrame | None = None
+
+    def split(self, name: str) -> pd.DataFrame:
+        """The evaluation rows of split ``name`` ("test" or "validation")."""
+        if name == "test":
+            return self.test
+        if self.validation is None or len(self.validation) == 0:
+            raise DataLoadError(
+                "no validation split: set data.validation-per-class > 0 to hold one out"
+            )
+        return self.validation
 
     @property
     def num_labels(self) -> int:
@@ -156,7 +168,7 @@ def load_frame(cfg: DataConfig) -> tuple[pd.DataFrame, tuple[str, ...]]:
 
 
 def balanced_test_split(
-    frame: pd.DataFrame, per_class: int, seed: int
+    frame: pd.DataFrame, per_class: int, seed: int, key: str = "data.test-per-class"
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Hold out ``per_class`` seeded examples of every label; the rest is for training."""
     counts = frame["label"].value_counts()
@@ -164,7 +176,7 @@ def balanced_test_split(
     if len(short):
         raise DataLoadError(
             f"label(s) {sorted(short.index.tolist())} have only {short.min()} examples; "
-            f"data.test-per-class={per_class} leaves none for training. Lower it."
+            f"{key}={per_class} leaves none for training. Lower it."
         )
     test = frame.groupby("label", group_keys=False).sample(n=per_class, random_state=seed)
     train = frame.drop(index=test.index)
@@ -177,12 +189,30 @@ def balanced_test_split(
 def load_task(cfg: DataConfig) -> TaskData:
     """Load, encode and split the dataset once per process."""
     frame, names = load_frame(cfg)
+    frame = apply_template(frame, cfg.template)
     train, test = balanced_test_split(frame, cfg.test_per_class, cfg.seed)
+    validation = None
+    if cfg.validation_per_class:
+        # carved from the training pool before partitioning: never seen by a client,
+        # never overlapping the test rows (own seed stream)
+        train, validation = balanced_test_split(
+            train, cfg.validation_per_class, cfg.seed + 1, "data.validation-per-class"
+        )
     if cfg.max_train_examples:
         train = train.sample(
             n=min(cfg.max_train_examples, len(train)), random_state=cfg.seed
         ).reset_index(drop=True)
-    return TaskData(train=train, test=test, label_names=names)
+    return TaskData(train=train, test=test, label_names=names, validation=validation)
+
+
+def apply_template(frame: pd.DataFrame, template: str) -> pd.DataFrame:
+    """Every text wrapped in ``template`` (its one ``{text}`` replaced); "" = unchanged."""
+    if not template:
+        return frame
+    head, _, tail = template.partition("{text}")
+    out = frame.copy()
+    out["text"] = head + out["text"].astype(str) + tail
+    return out
 
 
 def partition_indices(
@@ -272,6 +302,7 @@ def device_frame(cfg: DataConfig, files: str, label_names: tuple[str, ...]) -> p
             f"task {list(label_names)}"
         )
     out = pd.DataFrame({"text": frame["text"].astype(str), "label": ids.astype(int)})
+    out = apply_template(out, cfg.template)
     if out.empty:
         raise DataLoadError(f"node config data-files {files!r} hold no labeled row")
     return out.reset_index(drop=True)

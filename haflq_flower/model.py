@@ -422,9 +422,78 @@ def load_lora_model(
     device: torch.device,
     block_bits: Sequence[int] | None = None,
     cache_quantized: bool = False,
+    label_names: Sequence[str] | None = None,
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """Base model + LoRA, with the head and LoRA initialized from ``seed``
-    (``cache_quantized``: see :func:`load_base_model`)."""
+    (``cache_quantized``: see :func:`load_base_model`). With ``model.head-init =
+    "label-words"`` the head is the LM head's rows of ``model.label-words`` (default:
+    ``label_names``); callers that load the global state over it may omit them."""
     torch.manual_seed(seed)
     model, tokenizer = load_base_model(cfg, num_labels, device, block_bits, cache_quantized)
+    if cfg.head_init == "label-words":
+        words = cfg.label_words or tuple(label_names or ())
+        if words:
+            init_label_word_head(model, tokenizer, words)
+        # the verbalizer reads the last token: truncate long texts from the left so the
+        # end of the prompt (data.template) survives
+        tokenizer.truncation_side = "left"
     return add_lora(model, lora), tokenizer
+
+
+def label_word_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[int]:
+    """The first token id of each label word, as the model would write it after a space.
+
+    Raises
+    ------
+    ModelLoadError
+        If two words start with the same token (the head could not tell them apart).
+    """
+    ids = []
+    for word in words:
+        tokens = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise ModelLoadError(f"label word {word!r} tokenizes to nothing")
+        ids.append(int(tokens[0]))
+    seen: dict[int, str] = {}
+    for word, token in zip(words, ids, strict=True):
+        if token in seen:
+            raise ModelLoadError(
+                f"label words {seen[token]!r} and {word!r} start with the same token "
+                f"({tokenizer.convert_ids_to_tokens(token)!r}); choose words that differ in "
+                "their first token (model.label-words)"
+            )
+        seen[token] = word
+    return ids
+
+
+def init_label_word_head(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, words: Sequence[str]
+) -> None:
+    """Set the classification head to the LM head's rows of one word per label.
+
+    With tied input/output embeddings (SmolLM2, Llama-style small models) the LM head is
+    the input embedding matrix, and the sequence-classification logits at the last token
+    equal the LM's next-token logits of the label words: the model answers with a word.
+    """
+    score = getattr(model, "score", None)
+    if score is None or not isinstance(score, torch.nn.Linear):
+        raise ModelLoadError(
+            f"model.head-init='label-words' needs a model with a linear 'score' head; "
+            f"{type(model).__name__} has none"
+        )
+    if len(words) != score.out_features:
+        raise ModelLoadError(
+            f"model.label-words has {len(words)} word(s) for {score.out_features} labels"
+        )
+    if not getattr(model.config, "tie_word_embeddings", False):
+        raise ModelLoadError(
+            "model.head-init='label-words' needs tied input/output embeddings (the LM head "
+            "is not loaded with a classification model otherwise); use model.head-init="
+            "'random'"
+        )
+    ids = label_word_ids(tokenizer, words)
+    rows = model.get_input_embeddings().weight.detach()[ids].to(score.weight.dtype)
+    with torch.no_grad():
+        score.weight.copy_(rows)
+        if score.bias is not None:
+            score.bias.zero_()

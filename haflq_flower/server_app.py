@@ -28,11 +28,13 @@ from .lora.state import (
     trainable_state,
 )
 from .model import count_blocks, load_lora_model, select_device
+from .predictions import load_or_new as load_or_new_predictions
+from .predictions import save as save_predictions
 from .quant.blocks import pattern_to_str
 from .quant.mixed import block_layout
 from .results import RunRecorder, plot_results
 from .strategy import build_strategy
-from .train import evaluate
+from .train import EvalResult, evaluate_rows
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,16 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     device = select_device()
     task = load_task(cfg.data)
     log.info(
-        "Data '%s': %d training rows, %d held-out test rows, %d labels",
+        "Data '%s': %d training rows, %d held-out test rows, %d validation rows, %d labels; "
+        "the server evaluates on the %s split",
         cfg.data.name,
         len(task.train),
         len(task.test),
+        0 if task.validation is None else len(task.validation),
         task.num_labels,
+        cfg.train.eval_split,
     )
+    eval_rows = task.split(cfg.train.eval_split)
     strategy = build_strategy(cfg)
     # Block-wise precision: the server evaluates on the 16-bit base (the same for every
     # arm) and, at the end, on each tier's own pattern.
@@ -57,7 +63,13 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     if cfg.strategy.blocks.enabled:
         server_bits = (16,) * count_blocks(cfg.model, task.num_labels)
     model, tokenizer = load_lora_model(
-        cfg.model, cfg.lora, task.num_labels, cfg.seed, device, server_bits
+        cfg.model,
+        cfg.lora,
+        task.num_labels,
+        cfg.seed,
+        device,
+        server_bits,
+        label_names=task.label_names,
     )
     if server_bits is not None:
         strategy.blocks.layout = block_layout(model)
@@ -83,14 +95,24 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     else:
         recorder = RunRecorder(cfg.output_dir, cfg.to_dict(), cfg.num_rounds)
 
+    predictions = None
+    if cfg.train.eval_predictions:
+        predictions = load_or_new_predictions(
+            cfg.output_dir, eval_rows["label"].to_numpy(), cfg.train.eval_split
+        )
+
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Evaluate the global adapter, record the round, then checkpoint it."""
         state = from_array_record(arrays)
         merge_stacks(model, strategy.base_merge())
         load_trainable_state(model, state)
-        loss, accuracy = _test_accuracy(
-            cfg, model, tokenizer, task, device, f"server eval round {server_round}"
+        result = _evaluate_rows(
+            cfg, model, tokenizer, eval_rows, device, f"server eval round {server_round}"
         )
+        loss, accuracy = result.loss, result.accuracy
+        if predictions is not None:
+            predictions.add(server_round, result.predictions)
+            save_predictions(cfg.output_dir, predictions)
         stats = strategy.stats.get(server_round)
         recorder.record_round(server_round, accuracy, loss, stats.to_dict() if stats else None)
         if cfg.checkpoint:
@@ -174,12 +196,12 @@ def _resume(cfg: RunConfig, model_state: dict):
     return ckpt
 
 
-def _test_accuracy(cfg: RunConfig, model, tokenizer, task, device, desc: str):
-    """(loss, accuracy) on the held-out test split."""
-    return evaluate(
+def _evaluate_rows(cfg: RunConfig, model, tokenizer, rows, device, desc: str) -> EvalResult:
+    """Loss, accuracy and per-row predictions on ``rows`` (the configured eval split)."""
+    return evaluate_rows(
         model,
         tokenizer,
-        task.test,
+        rows,
         batch_size=cfg.train.eval_batch_size,
         max_length=cfg.model.max_length,
         compute_dtype=cfg.model.compute_dtype,
@@ -202,9 +224,14 @@ def _accuracy_by_tier(cfg: RunConfig, strategy, state, device, task) -> dict[str
             cfg.model, cfg.lora, task.num_labels, cfg.seed, device, bits
         )
         load_trainable_state(model, state)
-        _, accuracy = _test_accuracy(
-            cfg, model, tokenizer, task, device, f"final eval on the {'/'.join(tiers)} base"
-        )
+        accuracy = _evaluate_rows(
+            cfg,
+            model,
+            tokenizer,
+            task.split(cfg.train.eval_split),
+            device,
+            f"final eval on the {'/'.join(tiers)} base",
+        ).accuracy
         for tier in tiers:
             out[tier] = accuracy
         log.info(

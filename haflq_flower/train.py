@@ -203,7 +203,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    # every row's predicted label, in the order of the evaluated frame
+    predictions: np.ndarray
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer,
@@ -216,12 +223,38 @@ def evaluate(
     desc: str = "eval",
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over ``frame``."""
+    result = evaluate_rows(
+        model,
+        tokenizer,
+        frame,
+        batch_size=batch_size,
+        max_length=max_length,
+        compute_dtype=compute_dtype,
+        device=device,
+        desc=desc,
+    )
+    return result.loss, result.accuracy
+
+
+@torch.no_grad()
+def evaluate_rows(
+    model: torch.nn.Module,
+    tokenizer,
+    frame: pd.DataFrame,
+    *,
+    batch_size: int,
+    max_length: int,
+    compute_dtype: str,
+    device: torch.device,
+    desc: str = "eval",
+) -> EvalResult:
+    """Mean cross-entropy, accuracy and every row's predicted label over ``frame``."""
     if len(frame) == 0:
         raise ValueError("cannot evaluate on an empty set")
     model.eval()
     texts = frame["text"].tolist()
     labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.long)
-    total_loss, correct = 0.0, 0
+    total_loss, correct, predicted = 0.0, 0, []
     num_batches = math.ceil(len(texts) / batch_size)
     start = time.perf_counter()
     for b in range(num_batches):
@@ -231,10 +264,16 @@ def evaluate(
         with autocast_for(device, compute_dtype):
             logits = model(**batch).logits.float()
         total_loss += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(-1) == target).sum())
+        guess = logits.argmax(-1)
+        correct += int((guess == target).sum())
+        predicted.append(guess.cpu().numpy())
         if (b + 1) % max(1, num_batches // 4) == 0:
             log.info(
                 "%s: batch %d/%d (%.1fs)", desc, b + 1, num_batches, time.perf_counter() - start
             )
     model.train()
-    return total_loss / len(texts), correct / len(texts)
+    return EvalResult(
+        loss=total_loss / len(texts),
+        accuracy=correct / len(texts),
+        predictions=np.concatenate(predicted).astype(np.int64),
+    )

@@ -1,0 +1,159 @@
+"""Paired tests on per-row predictions: two models evaluated on the same rows.
+
+Pure numpy and the standard library; no model, Flower or Ray. Used by
+:mod:`haflq_flower.compare` to decide "arm A vs arm B" from ``predictions.npz``.
+
+- :func:`mcnemar_exact`: McNemar's exact test. Only rows where exactly one model is right
+  count (b: A right and B wrong, c: the reverse); under the null hypothesis of equal
+  accuracy each such row is a fair coin, so the two-sided p-value is the binomial tail
+  ``min(1, 2 * P(X <= min(b, c)))`` with ``X ~ Bin(b + c, 1/2)``.
+- :func:`pooled_mcnemar`: the same over several seeds, the discordant counts summed.
+- :func:`paired_bootstrap`: a percentile interval for the accuracy difference, resampling
+  rows (the same resampled rows for both models and for every seed).
+- :func:`gap_closed`: ``(acc - low) / (high - low)`` against two bounds, with a paired
+  bootstrap interval.
+- :func:`holm`: Holm's step-down adjustment for a family of p-values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """``b``: rows only A gets right; ``c``: rows only B gets right; two-sided ``p``."""
+
+    b: int
+    c: int
+    p: float
+
+    @property
+    def discordant(self) -> int:
+        return self.b + self.c
+
+
+def _as_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"paired rows must be two 1-d arrays of one length, got {a.shape}, {b.shape}"
+        )
+    return a, b
+
+
+def binomial_two_sided(k: int, n: int) -> float:
+    """Exact two-sided p-value of ``k`` successes in ``n`` fair coin flips (doubling the
+    smaller tail, capped at 1); 1 for ``n = 0``."""
+    if n == 0:
+        return 1.0
+    low = min(k, n - k)
+    tail = Fraction(sum(math.comb(n, i) for i in range(low + 1)), 2**n)
+    return float(min(Fraction(1), 2 * tail))
+
+
+def mcnemar_exact(a_correct: np.ndarray, b_correct: np.ndarray) -> McNemar:
+    """McNemar's exact test of equal accuracy for two models on the same rows."""
+    a, b = _as_pairs(a_correct, b_correct)
+    only_a = int(np.sum(a & ~b))
+    only_b = int(np.sum(~a & b))
+    return McNemar(only_a, only_b, binomial_two_sided(only_a, only_a + only_b))
+
+
+def pooled_mcnemar(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> McNemar:
+    """McNemar over several seeds: discordant rows summed over the pairs (each seed's
+    pair of runs on the same rows), one exact test on the totals."""
+    if not pairs:
+        raise ValueError("no pairs to pool")
+    tests = [mcnemar_exact(a, b) for a, b in pairs]
+    b = sum(t.b for t in tests)
+    c = sum(t.c for t in tests)
+    return McNemar(b, c, binomial_two_sided(b, b + c))
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float
+    low: float
+    high: float
+
+    def excludes(self, value: float) -> bool:
+        return not self.low <= value <= self.high
+
+
+def _resampled_rows(num_rows: int, resamples: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, num_rows, size=(resamples, num_rows))
+
+
+def paired_bootstrap(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile interval of ``mean over pairs of (acc(A) - acc(B))``: rows resampled
+    with replacement, the same rows for both models and every pair (seeds share the
+    test rows)."""
+    stacked = [_as_pairs(a, b) for a, b in pairs]
+    if not stacked:
+        raise ValueError("no pairs")
+    n = stacked[0][0].shape[0]
+    if any(a.shape[0] != n for a, _ in stacked):
+        raise ValueError("every pair must cover the same rows")
+    diff = np.mean([a.astype(float) - b.astype(float) for a, b in stacked], axis=0)
+    idx = _resampled_rows(n, resamples, seed)
+    draws = diff[idx].mean(axis=1)
+    alpha = (1.0 - level) / 2
+    return Interval(float(diff.mean()), *np.quantile(draws, [alpha, 1 - alpha]).tolist())
+
+
+def gap_closed(
+    arm: Sequence[np.ndarray],
+    low: Sequence[np.ndarray],
+    high: Sequence[np.ndarray],
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """``(acc - acc_low) / (acc_high - acc_low)``, each accuracy the mean over its runs'
+    correctness vectors (one per seed, all on the same rows), with a percentile interval
+    from resampling rows jointly for the three arms. Resamples where the bounds tie are
+    dropped; the interval is NaN if all tie."""
+    groups = [np.mean([np.asarray(r, dtype=float) for r in g], axis=0) for g in (arm, low, high)]
+    n = groups[0].shape[0]
+    if any(g.shape != (n,) for g in groups):
+        raise ValueError("every run must cover the same rows")
+    a, lo, hi = groups
+    if hi.mean() == lo.mean():
+        raise ValueError("the bounds have equal accuracy: the gap is undefined")
+    estimate = (a.mean() - lo.mean()) / (hi.mean() - lo.mean())
+    idx = _resampled_rows(n, resamples, seed)
+    den = hi[idx].mean(axis=1) - lo[idx].mean(axis=1)
+    num = a[idx].mean(axis=1) - lo[idx].mean(axis=1)
+    keep = den != 0
+    if not keep.any():
+        return Interval(float(estimate), math.nan, math.nan)
+    ratios = num[keep] / den[keep]
+    alpha = (1.0 - level) / 2
+    return Interval(float(estimate), *np.quantile(ratios, [alpha, 1 - alpha]).tolist())
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values (same order as given): the k-th smallest of m is multiplied
+    by ``m - k + 1``, made monotone, capped at 1. Rejecting where the adjusted value is
+    below alpha controls the family-wise error rate at alpha."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
