@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -123,8 +124,8 @@ def config_string(config: Mapping[str, Any]) -> str:
     for key, value in config.items():
         if isinstance(value, bool):
             parts.append(f"{key}={str(value).lower()}")
-        elif isinstance(value, str):
-            parts.append(f'{key}="{value}"')
+        elif isinstance(value, str):  # a TOML basic string: JSON's escapes are valid there
+            parts.append(f"{key}={json.dumps(value)}")
         else:
             parts.append(f"{key}={value}")
     return " ".join(parts)
@@ -570,10 +571,20 @@ def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _split(text: str) -> list[str]:
-    import shlex
+# key=value with a TOML value: a quoted string (may hold spaces and escapes) or a bare word
+_ITEM = re.compile(r"""\s*([^\s=]+\s*=\s*(?:"(?:[^"\\]|\\.)*"|'[^']*'|[^\s"']+))""")
 
-    return shlex.split(text, posix=False)
+
+def _split(text: str) -> list[str]:
+    """``key=value`` items of a run-config string; quoted values keep their spaces."""
+    items, pos = [], 0
+    while text[pos:].strip():
+        match = _ITEM.match(text, pos)
+        if match is None:
+            raise SystemExit(f"error: cannot parse run-config near {text[pos : pos + 40]!r}")
+        items.append(match.group(1))
+        pos = match.end()
+    return items
 
 
 def main(argv: list[str] | None = None) -> int:
