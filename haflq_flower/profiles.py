@@ -9,10 +9,11 @@ the ``profile`` record a node sends back to the server's ``query.profile`` messa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .quant.channel import spread_distances
+from .untrusted import printable
 
 DEFAULT_TIER = "default"
 
@@ -21,14 +22,33 @@ class ProfileError(ValueError):
     """A profile field is missing, of the wrong type, or out of range."""
 
 
-def _non_negative(data: Mapping[str, Any], key: str, source: str) -> float:
+# Hard limits of what a profile may claim at all (beyond them a profile is refused as
+# absurd); the server additionally caps claimed uplink and memory by its own settings
+# (:meth:`ClientProfile.capped`, run config ``profile.max-uplink-bps``/``max-memory-mb``).
+MIN_DISTANCE_KM = 1e-3  # 1 m; 0 means "the run's default distance"
+MAX_DISTANCE_KM = 1e4
+MAX_UPLINK_BPS = 1e15
+MAX_MEMORY_MB = 1e9
+MAX_LORA_RANK = 1_000_000
+MAX_TIER_CHARS = 64
+
+
+def _bounded(
+    data: Mapping[str, Any], key: str, source: str, upper: float, lower: float = 0.0
+) -> float:
+    """``data[key]`` as a float that is 0 (unset) or lies in ``[lower, upper]``."""
     value = data.get(key, 0.0)
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = float("nan")
-    if isinstance(value, bool) or not number >= 0 or number == float("inf"):
-        raise ProfileError(f"{source}: '{key}' must be a finite number >= 0, got {value!r}")
+    if isinstance(value, bool) or not (number == 0.0 or lower <= number <= upper):
+        low = f"{lower:g}" if lower > 0 else "0"
+        raise ProfileError(
+            f"{source}: '{key}' must be a finite number >= 0: 0 (unset) or in "
+            f"[{low}, {upper:g}], "
+            f"got {printable(repr(value), 80)}"
+        )
     return number
 
 
@@ -60,24 +80,57 @@ class ClientProfile:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "profile") -> ClientProfile:
         """Parse ``tier``, ``lora-rank``, ``distance-km``, ``uplink-bps``, ``memory-mb``
-        (other keys are ignored)."""
+        (other keys are ignored), each range-checked.
+
+        Raises
+        ------
+        ProfileError
+            Naming the field, the allowed range and (escaped) what was given: a tier of
+            1-64 printable characters; ``lora-rank`` an integer in [0, 1e6];
+            ``distance-km`` 0 or in [0.001, 1e4]; ``uplink-bps`` 0 or in [0, 1e15];
+            ``memory-mb`` 0 or in [0, 1e9].
+        """
         tier = data.get("tier", DEFAULT_TIER)
-        if not isinstance(tier, str) or not tier:
-            raise ProfileError(f"{source}: 'tier' must be a non-empty string, got {tier!r}")
+        if (
+            not isinstance(tier, str)
+            or not 0 < len(tier) <= MAX_TIER_CHARS
+            or not tier.isprintable()
+        ):
+            raise ProfileError(
+                f"{source}: 'tier' must be a non-empty printable string of at most "
+                f"{MAX_TIER_CHARS} characters, got {printable(repr(tier), 80)}"
+            )
         rank = data.get("lora-rank", 0)
-        if isinstance(rank, str) and rank.strip().isdigit():
+        if isinstance(rank, str) and rank.strip().isdigit() and len(rank.strip()) <= 9:
             rank = int(rank)
-        if isinstance(rank, float) and rank.is_integer():
+        if isinstance(rank, float) and rank.is_integer() and abs(rank) <= MAX_LORA_RANK:
             rank = int(rank)
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-            raise ProfileError(f"{source}: 'lora-rank' must be an integer >= 0, got {rank!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= MAX_LORA_RANK:
+            raise ProfileError(
+                f"{source}: 'lora-rank' must be an integer in [0, {MAX_LORA_RANK}], "
+                f"got {printable(repr(rank), 80)}"
+            )
         return cls(
             tier=tier,
             lora_rank=rank,
-            distance_km=_non_negative(data, "distance-km", source),
-            uplink_bps=_non_negative(data, "uplink-bps", source),
-            memory_mb=_non_negative(data, "memory-mb", source),
+            distance_km=_bounded(data, "distance-km", source, MAX_DISTANCE_KM, MIN_DISTANCE_KM),
+            uplink_bps=_bounded(data, "uplink-bps", source, MAX_UPLINK_BPS),
+            memory_mb=_bounded(data, "memory-mb", source, MAX_MEMORY_MB),
         )
+
+    def capped(self, max_uplink_bps: float, max_memory_mb: float) -> tuple[ClientProfile, str]:
+        """This profile with ``uplink-bps`` and ``memory-mb`` capped at the server's limits
+        (a limit of 0 = no cap), and a note saying what was capped ("" if nothing)."""
+        uplink, memory, notes = self.uplink_bps, self.memory_mb, []
+        if max_uplink_bps > 0 and uplink > max_uplink_bps:
+            notes.append(f"uplink-bps {uplink:g} capped at {max_uplink_bps:g}")
+            uplink = max_uplink_bps
+        if max_memory_mb > 0 and memory > max_memory_mb:
+            notes.append(f"memory-mb {memory:g} capped at {max_memory_mb:g}")
+            memory = max_memory_mb
+        if not notes:
+            return self, ""
+        return replace(self, uplink_bps=uplink, memory_mb=memory), "; ".join(notes)
 
     def to_record(self) -> dict[str, str | int]:
         """Flat fields for a Flower ConfigRecord (the keys :meth:`from_mapping` reads)."""

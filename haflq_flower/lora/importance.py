@@ -84,6 +84,43 @@ class ComponentReport:
     scores: Mapping[str, np.ndarray]
 
 
+def clip_scores(
+    reports: Sequence[ComponentReport], factor: float, reference: float = 0.0
+) -> list[ComponentReport]:
+    """Reports with every score capped at ``factor`` times a typical maximum.
+
+    The typical maximum is the lower median of each report's largest score, together
+    with ``reference`` (the current global maximum) when it is > 0. So one client cannot
+    lift a component far above what the others (or the run so far) report: its excess
+    is at most ``factor`` times, and the smoothing halves it (at the default 0.5) every
+    round in which honest clients report that component. ``factor <= 0``: unchanged.
+
+    Examples
+    --------
+    >>> reps = [ComponentReport(1, {"m": np.array([0])}, {"m": np.array([x])})
+    ...         for x in (1.0, 2.0, 1e30)]
+    >>> [float(r.scores["m"][0]) for r in clip_scores(reps, 10.0)]
+    [1.0, 2.0, 20.0]
+    """
+    if factor <= 0 or not reports:
+        return list(reports)
+    peaks = [
+        max((float(np.max(v, initial=0.0)) for v in rep.scores.values()), default=0.0)
+        for rep in reports
+    ]
+    if reference > 0:
+        peaks.append(reference)
+    bound = factor * sorted(peaks)[(len(peaks) - 1) // 2]
+    return [
+        ComponentReport(
+            rep.weight,
+            rep.selection,
+            {m: np.minimum(np.asarray(v, dtype=np.float64), bound) for m, v in rep.scores.items()},
+        )
+        for rep in reports
+    ]
+
+
 @dataclass
 class GlobalImportance:
     """The server's importance of every (module, component).

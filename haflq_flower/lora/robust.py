@@ -44,6 +44,29 @@ def clip_scales(norms: Sequence[float], factor: float) -> np.ndarray:
     return np.where(norms > bound, bound / safe, 1.0)
 
 
+def clip_weights(weights: Sequence[float], factor: float) -> np.ndarray:
+    """Aggregation weights (example counts) capped at ``factor`` times their lower median.
+
+    ``num-examples`` is self-reported: without a cap, one client claiming 10^7 examples
+    takes a weighted average over itself. With the cap, one client's weight is at most
+    ``factor`` times a typical client's, so with K typical clients its share is at most
+    ``factor / (K + factor)``. ``factor <= 0`` means no cap. Returns float64 weights;
+    a capped weight is floored to an integer (>= 1) when all inputs are integers.
+
+    Examples
+    --------
+    >>> clip_weights([100, 120, 10_000_000], 5.0).tolist()
+    [100.0, 120.0, 600.0]
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.size == 0 or factor <= 0:
+        return w
+    bound = factor * np.sort(w)[(w.size - 1) // 2]
+    if np.all(np.mod(w, 1) == 0):
+        bound = max(1.0, np.floor(bound))
+    return np.minimum(w, bound)
+
+
 def scale_state(state: Mapping[str, np.ndarray], scale: float) -> LoraState:
     """Every array of ``state`` times ``scale``, dtypes kept."""
     return OrderedDict((k, (v * scale).astype(v.dtype)) for k, v in state.items())

@@ -15,6 +15,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
+from ..untrusted import FLOAT32_MAX, within
+
 LoraState = dict[str, np.ndarray]
 
 
@@ -31,8 +33,14 @@ def trainable_state(model: PeftModel) -> LoraState:
     )
 
 
-def check_state(expected: LoraState, received: LoraState) -> None:
-    """Raise :class:`StateMismatchError` unless keys, shapes and finiteness match."""
+def check_state(expected: LoraState, received: LoraState, limit: float = FLOAT32_MAX) -> None:
+    """Raise :class:`StateMismatchError` unless keys, shapes and dtypes match and every
+    value is finite with ``|x| <= limit``.
+
+    The range is checked on the values as received (float64 included), so that nothing
+    becomes Inf when the state is cast to float32 (``limit`` defaults to float32's
+    largest value; a strategy that sends its global in float16 passes float16's).
+    """
     missing = sorted(set(expected) - set(received))
     extra = sorted(set(received) - set(expected))
     if missing or extra:
@@ -46,8 +54,11 @@ def check_state(expected: LoraState, received: LoraState) -> None:
             raise StateMismatchError(f"{name}: shape {value.shape}, expected {ref.shape}")
         if not np.issubdtype(value.dtype, np.floating):
             raise StateMismatchError(f"{name}: dtype {value.dtype} is not floating point")
-        if not np.all(np.isfinite(value)):
-            raise StateMismatchError(f"{name}: contains NaN or Inf")
+        if not within(value, limit):
+            raise StateMismatchError(
+                f"{name}: contains NaN, Inf or values beyond +-{limit:.4g} "
+                f"(the range of the float type the global state is kept or sent in)"
+            )
 
 
 def load_trainable_state(model: PeftModel, state: LoraState) -> None:

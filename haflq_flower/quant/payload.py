@@ -257,6 +257,46 @@ def encode_within_budget(
         chosen[last] = 0
 
 
+def fixed_payload_bytes(head_shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Exact bytes of a payload that carries no component: meta, the empty arrays of
+    every width group and the head in float16. No budget below this can be met."""
+    head = {k: np.zeros(shape, np.float16) for k, shape in head_shapes.items()}
+    empty = ComponentSet(np.zeros((0, 2), np.int64), [], [])
+    return record_bytes(encode(empty, np.zeros(0, np.int64), head, np.random.default_rng(0)))
+
+
+# Arrays of a payload besides the head: meta, idx x4, val.16, code/lo/scale x3.
+_PAYLOAD_ARRAYS = 13
+
+
+def max_payload_bytes(
+    lengths: Sequence[int],
+    head_shapes: Mapping[str, tuple[int, ...]],
+    widths: Sequence[int] = WIDTHS,
+) -> int:
+    """An upper bound on the bytes of any payload of these components (``lengths``:
+    d_in + d_out of each) at any of the allowed ``widths``: the fixed part, each
+    component at its costliest allowed width, and 64 bytes per array for ``.npy``
+    headers that grow with their shapes. A budget above this buys nothing more."""
+    allowed = [w for w in widths if w > 0]
+    per_component = sum(max(component_cost(int(n), w) for w in allowed) for n in lengths)
+    slack = 64 * (_PAYLOAD_ARRAYS + len(head_shapes))
+    return fixed_payload_bytes(head_shapes) + per_component + slack
+
+
+def bound_budget(budget: int, fixed: int, largest: int) -> tuple[int, str]:
+    """A payload budget raised to the fixed part or lowered to the largest payload, and
+    what was done: ``"raised to the fixed part"``, ``"capped at the largest payload"``
+    or ``""``. Below the fixed part a client cannot send even its head and scores; above
+    the largest payload the budget no longer limits anything the server must receive.
+    """
+    if budget < fixed:
+        return fixed, "raised to the fixed part"
+    if budget > largest:
+        return largest, "capped at the largest payload"
+    return budget, ""
+
+
 # ------------------------------------------------------------------------- decoding
 @dataclass(frozen=True)
 class Layout:
@@ -268,13 +308,20 @@ class Layout:
 
 
 def decode(
-    arrays: Mapping[str, np.ndarray], layout: Layout
+    arrays: Mapping[str, np.ndarray],
+    layout: Layout,
+    allowed_widths: Sequence[int] = WIDTHS,
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray], dict[str, np.ndarray]]:
     """Validate and decode a payload.
 
     Returns (keys (n, 2), widths (n,), a-vectors, b-vectors, head) with components in
-    the order of ``WIDTHS`` groups. Raises :class:`PayloadError` before allocating
-    anything from a size the payload claims.
+    the order of ``WIDTHS`` groups. Everything is checked before anything is
+    dequantized: the array names, every shape and dtype against what the receiver
+    knows (vector lengths come from ``layout``, never from the payload), indices in
+    range, no component twice, no component at a width outside ``allowed_widths``,
+    finite ``lo``/``scale`` and head. So a hostile payload costs no more than its own
+    bytes to reject, and an accepted one decodes into at most one float32 vector per
+    (module, component) of the layout. Raises :class:`PayloadError`.
     """
     expected = {"meta"} | {f"head.{k}" for k in layout.head_shapes}
     for bits in WIDTHS:
@@ -288,11 +335,16 @@ def decode(
     if meta.shape != (1,) or int(meta[0]) != FORMAT_VERSION:
         raise PayloadError(f"unknown payload format {meta.tolist()}; expected [{FORMAT_VERSION}]")
     dims = np.asarray(layout.module_dims, dtype=np.int64).reshape(-1, 2)
-    all_keys, all_widths, a_out, b_out = [], [], [], []
+    groups = []  # (bits, keys, lengths, total): everything checked before any decoding
     for bits in WIDTHS:
         keys = np.asarray(arrays[f"idx.{bits}"])
         if keys.ndim != 2 or keys.shape[1] != 2 or not np.issubdtype(keys.dtype, np.integer):
             raise PayloadError(f"idx.{bits}: expected an (n, 2) integer array, got {keys.shape}")
+        if keys.size and bits not in allowed_widths:
+            raise PayloadError(
+                f"idx.{bits}: {len(keys)} component(s) at {bits} bits; the allowed widths "
+                f"are {sorted(w for w in allowed_widths if w > 0)}"
+            )
         if keys.size and (
             keys[:, 0].min() < 0
             or keys[:, 0].max() >= len(dims)
@@ -300,6 +352,7 @@ def decode(
             or keys[:, 1].max() >= layout.rank
         ):
             raise PayloadError(f"idx.{bits}: module or component index out of range")
+        keys = keys.astype(np.int64)
         # Vector lengths come from the receiver's own shapes, never from the payload.
         lengths = dims[keys[:, 0]].reshape(-1) if keys.size else np.zeros(0, np.int64)
         total = int(lengths.sum())
@@ -309,7 +362,6 @@ def decode(
                 raise PayloadError(
                     f"val.16: expected ({total},) float16, got {val.shape} {val.dtype}"
                 )
-            flat = val.astype(np.float32)
         else:
             code, lo, scale = (np.asarray(arrays[f"{p}.{bits}"]) for p in ("code", "lo", "scale"))
             if code.dtype != np.uint8 or code.shape != (packed_len(total, bits),):
@@ -322,6 +374,24 @@ def decode(
                     raise PayloadError(f"{name}.{bits}: expected ({len(lengths)},) float32")
             if not (np.isfinite(lo).all() and np.isfinite(scale).all()) or (scale < 0).any():
                 raise PayloadError(f"lo/scale.{bits}: non-finite or negative values")
+        groups.append((bits, keys, lengths, total))
+    keys = np.concatenate([g[1] for g in groups])
+    if len(keys):
+        flat_ids = keys[:, 0] * layout.rank + keys[:, 1]
+        if len(np.unique(flat_ids)) != len(flat_ids):
+            raise PayloadError("a component appears more than once in the payload")
+    for key, shape in layout.head_shapes.items():
+        value = np.asarray(arrays[f"head.{key}"])
+        if value.shape != tuple(shape) or not np.issubdtype(value.dtype, np.floating):
+            raise PayloadError(f"head.{key}: expected {tuple(shape)} float, got {value.shape}")
+        if not np.isfinite(value).all():
+            raise PayloadError(f"head.{key}: non-finite values")
+    all_widths, a_out, b_out = [], [], []
+    for bits, group_keys, lengths, total in groups:
+        if bits == 16:
+            flat = np.asarray(arrays["val.16"]).astype(np.float32)
+        else:
+            code, lo, scale = (np.asarray(arrays[f"{p}.{bits}"]) for p in ("code", "lo", "scale"))
             flat = dequantize(unpack_codes(code, bits, total), lo, scale, lengths)
         if not np.isfinite(flat).all():
             raise PayloadError(f"width {bits}: non-finite values")
@@ -329,19 +399,8 @@ def decode(
         vecs = np.split(flat, bounds) if len(lengths) else []
         a_out += vecs[0::2]
         b_out += vecs[1::2]
-        all_keys.append(keys.astype(np.int64))
-        all_widths.append(np.full(len(keys), bits, dtype=np.int64))
-    keys = np.concatenate(all_keys) if all_keys else np.zeros((0, 2), np.int64)
-    if len(np.unique(keys, axis=0)) != len(keys):
-        raise PayloadError("a component appears more than once in the payload")
-    head = {}
-    for key, shape in layout.head_shapes.items():
-        value = np.asarray(arrays[f"head.{key}"])
-        if value.shape != tuple(shape) or not np.issubdtype(value.dtype, np.floating):
-            raise PayloadError(f"head.{key}: expected {tuple(shape)} float, got {value.shape}")
-        if not np.isfinite(value).all():
-            raise PayloadError(f"head.{key}: non-finite values")
-        head[key] = value.astype(np.float32)
+        all_widths.append(np.full(len(group_keys), bits, dtype=np.int64))
+    head = {key: np.asarray(arrays[f"head.{key}"]).astype(np.float32) for key in layout.head_shapes}
     return keys, np.concatenate(all_widths), a_out, b_out, head
 
 

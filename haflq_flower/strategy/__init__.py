@@ -37,6 +37,7 @@ def build_strategy(cfg: RunConfig) -> LoRAStrategy:
         min_replies=cfg.strategy.min_replies,
         max_examples=cfg.strategy.max_examples,
         clip_factor=cfg.strategy.clip_factor,
+        weight_clip=cfg.strategy.weight_clip,
     )
     cls = STRATEGIES[cfg.strategy.name]
     if issubclass(cls, HAFLQStrategy):
@@ -49,6 +50,9 @@ def build_strategy(cfg: RunConfig) -> LoRAStrategy:
             widths=payload.widths,
             downlink_bits=payload.downlink_bits,
             channel=cfg.strategy.channel,
+            max_uplink_bps=cfg.strategy.max_uplink_bps,
+            max_memory_mb=cfg.strategy.max_memory_mb,
+            score_clip=cfg.strategy.score_clip,
             blocks=BlockPlanner(
                 precision=cfg.strategy.blocks.precision,
                 metric=cfg.strategy.blocks.salience_metric,

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..config import ConfigError, RunConfig
-from ..lora.robust import clip_scales, state_norm
+from ..lora.robust import clip_scales, clip_weights, state_norm
 from ..lora.state import (
     LoraState,
     check_state,
@@ -32,6 +32,7 @@ from ..lora.state import (
     record_dict_bytes,
     to_array_record,
 )
+from ..untrusted import FLOAT32_MAX, all_within, printable
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,23 @@ STATUS_OK, STATUS_REJECTED, STATUS_ERROR, STATUS_NO_REPLY = "ok", "rejected", "e
 
 class ReplyError(ValueError):
     """A client's reply cannot be used; the message says why."""
+
+
+def check_record_bytes(record: ArrayRecord, limit: int, name: str) -> None:
+    """Raise :class:`ReplyError` if ``record`` holds more than ``limit`` bytes (its
+    serialized size as Flower counts it), before anything in it is parsed or copied."""
+    size = record.count_bytes()
+    if size > limit:
+        raise ReplyError(
+            f"the '{name}' record holds {size} bytes, more than the {limit} the assigned "
+            "work can need"
+        )
+
+
+def state_record_limit(state: LoraState, itemsize: int = 8) -> int:
+    """The largest honest serialized size of ``state`` sent back with ``itemsize``-byte
+    values (float64 at most): values, one ``.npy`` header per array (< 256 bytes) and keys."""
+    return sum(v.size * itemsize + 256 + len(k) for k, v in state.items())
 
 
 @dataclass
@@ -78,8 +96,12 @@ class ClientRoundStats:
     trainable_params: int = 0
     optimizer_state_bytes: int = 0
     components_up: int = 0
-    # Adaptive uplink: the channel budget, the payload's bytes, components per bit width.
+    # Adaptive uplink: the enforced budget, the payload's bytes, components per bit width.
     budget_bytes: int = 0
+    # The channel's budget before it was kept within [fixed part, largest payload], and
+    # what was done to it ("raised to the fixed part", "capped at the largest payload").
+    channel_budget_bytes: int = 0
+    budget_note: str = ""
     payload_bytes: int = 0
     bits: dict[str, int] = field(default_factory=dict)
     # Block-wise base precision: the assigned pattern and the measured weight bytes.
@@ -131,6 +153,18 @@ class LoRAStrategy(Strategy):
     clip_factor : float (default: 0.0)
         Robust aggregation: if > 0, each update's norm is clipped to ``clip_factor``
         times the round's lower median update norm (:mod:`haflq_flower.lora.robust`).
+        The run config's default is 5 (``strategy.clip-factor``).
+    weight_clip : float (default: 0.0)
+        If > 0, each reply's aggregation weight ``num-examples`` is capped at
+        ``weight_clip`` times the round's lower median
+        (:func:`~haflq_flower.lora.robust.clip_weights`).
+        The run config's default is 5 (``strategy.weight-clip``).
+
+    Replies are accepted only as answers to this round's training instructions: from a
+    node sampled this round, of message type ``train``, carrying this round's group id
+    and the instruction's message id, once per node (a node that answers twice has all
+    its replies rejected). Every number in an accepted reply is range-checked
+    (docs/reliability.md).
     """
 
     def __init__(
@@ -142,6 +176,7 @@ class LoRAStrategy(Strategy):
         min_replies: int = 1,
         max_examples: int = 10_000_000,
         clip_factor: float = 0.0,
+        weight_clip: float = 0.0,
     ) -> None:
         if not 0.0 <= fraction_train <= 1.0 or not 0.0 <= fraction_evaluate <= 1.0:
             raise ValueError("fractions must lie in [0, 1]")
@@ -149,8 +184,9 @@ class LoRAStrategy(Strategy):
             raise ValueError("min_train_nodes must be >= 1")
         if min_replies < 1 or max_examples < 1:
             raise ValueError("min_replies and max_examples must be >= 1")
-        if not (clip_factor >= 0.0 and np.isfinite(clip_factor)):
-            raise ValueError(f"clip_factor must be a finite number >= 0, got {clip_factor}")
+        for name, value in (("clip_factor", clip_factor), ("weight_clip", weight_clip)):
+            if not (value >= 0.0 and np.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.fraction_evaluate = fraction_evaluate
@@ -158,8 +194,13 @@ class LoRAStrategy(Strategy):
         self.min_replies = min_replies
         self.max_examples = max_examples
         self.clip_factor = clip_factor
+        self.weight_clip = weight_clip
         self.stats: dict[int, RoundStats] = {}
         self._global: LoraState | None = None
+        # This round's training instructions by node (their message ids are set when the
+        # grid pushes them): a reply must answer one of these.
+        self._round = 0
+        self._sent: dict[int, Message] = {}
 
     # ------------------------------------------------------------------ hooks
     @classmethod
@@ -174,6 +215,12 @@ class LoRAStrategy(Strategy):
                 f"subclass); strategy.name is {cfg.strategy.name!r}. Use "
                 "blocks.precision=off with it, or model.quantization for a uniform base."
             )
+
+    def value_limit(self) -> float:
+        """The largest magnitude a value of the global state may take: the range of the
+        float type the global is kept and sent in (float32 here). Replies whose values,
+        or whose global + delta, exceed it are rejected."""
+        return FLOAT32_MAX
 
     def base_merge(self) -> LoraState | None:
         """Stacked factors that clients and the server's evaluation merge into the base
@@ -197,13 +244,16 @@ class LoRAStrategy(Strategy):
         """Turn a reply into the payload :meth:`aggregate` consumes.
 
         Raise :class:`ReplyError` (or ``ValueError``) to reject it. Default: a full adapter
-        state with the keys and shapes of the global one.
+        state with the keys and shapes of the global one, no larger than float64 values
+        of the global, every value within :meth:`value_limit`; returned as float32.
         """
         if ARRAYS_KEY not in content.array_records:
             raise ReplyError(f"reply lacks the '{ARRAYS_KEY}' record")
-        state = from_array_record(content.array_records[ARRAYS_KEY])
-        check_state(self._global, state)
-        return state
+        record = content.array_records[ARRAYS_KEY]
+        check_record_bytes(record, state_record_limit(self._global), ARRAYS_KEY)
+        state = from_array_record(record)
+        check_state(self._global, state, self.value_limit())
+        return OrderedDict((k, v.astype(np.float32)) for k, v in state.items())
 
     def aggregate(
         self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
@@ -213,14 +263,19 @@ class LoRAStrategy(Strategy):
 
     def update_delta(self, update: ClientUpdate) -> LoraState:
         """The client's change to the global state (default: each array it sent minus the
-        global one); its norm is what :attr:`clip_factor` bounds."""
-        return OrderedDict((k, v - self._global[k]) for k, v in update.payload.items())
+        global one, in float64 so that it cannot overflow); its norm is what
+        :attr:`clip_factor` bounds."""
+        return OrderedDict(
+            (k, v.astype(np.float64) - self._global[k]) for k, v in update.payload.items()
+        )
 
     def scale_update(self, update: ClientUpdate, scale: float) -> None:
-        """Multiply the client's change to the global state by ``scale``, in place."""
+        """Multiply the client's change to the global state by ``scale`` (in [0, 1]), in
+        place; the result lies between the global and the reply, so stays in range."""
         update.payload = OrderedDict(
-            (k, (self._global[k] + scale * (v - self._global[k])).astype(v.dtype))
+            (k, (g + scale * (v.astype(np.float64) - g)).astype(v.dtype))
             for k, v in update.payload.items()
+            for g in (self._global[k].astype(np.float64),)
         )
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -260,6 +315,7 @@ class LoRAStrategy(Strategy):
         self._global = from_array_record(arrays)
         stats = self.stats.setdefault(server_round, RoundStats(round=server_round))
         node_ids = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes)
+        self._round, self._sent = server_round, {}
         self.prepare_round(server_round, grid, node_ids)
         start = time.perf_counter()
         messages = []
@@ -277,25 +333,72 @@ class LoRAStrategy(Strategy):
             client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
             client.bytes_down = sent
             stats.bytes_down += sent
-            messages.append(
-                Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN)
+            message = Message(
+                content=content,
+                dst_node_id=node_id,
+                message_type=MessageType.TRAIN,
+                group_id=str(server_round),
             )
+            self._sent[node_id] = message
+            messages.append(message)
         stats.strategy_s += time.perf_counter() - start
         log.info("round %d: training on %d node(s)", server_round, len(messages))
         return messages
 
     def _reject(self, stats: RoundStats, node_id: int, reason: str) -> None:
+        """Log and record a rejection; the reason may carry device text, so it is escaped
+        and cut (:func:`~haflq_flower.untrusted.printable`)."""
+        reason = printable(reason)
         log.warning("round %d: reply from node %d rejected: %s", stats.round, node_id, reason)
         stats.rejected.append({"node": node_id, "reason": reason})
         if node_id in stats.clients:
             stats.clients[node_id].status = STATUS_REJECTED
 
+    def _reply_node(self, msg: Message) -> int:
+        """The node a reply is about: its sender, or, for an error the SuperLink wrote on a
+        node's behalf (sender = the SuperLink), the node the answered instruction went to."""
+        node_id = msg.metadata.src_node_id
+        if node_id in self._sent or not msg.has_error():
+            return node_id
+        answered = msg.metadata.reply_to_message_id
+        for dst, instruction in self._sent.items():
+            if answered and instruction.metadata.message_id == answered:
+                return dst
+        return node_id
+
+    def _wrong_instruction(self, msg: Message) -> str | None:
+        """Why ``msg`` is not an answer to this round's instruction to its sender (None
+        if it is): the node was not sampled, or type, round or message id differ."""
+        node_id = msg.metadata.src_node_id
+        instruction = self._sent.get(node_id)
+        if instruction is None:
+            return f"reply from node {node_id}, which was not sent a training instruction"
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return (
+                f"reply of message type {printable(msg.metadata.message_type, 40)!r}, "
+                f"expected {MessageType.TRAIN!r}"
+            )
+        if msg.metadata.group_id != instruction.metadata.group_id:
+            return (
+                f"reply for round {printable(msg.metadata.group_id, 40)!r}, "
+                f"this is round {self._round}"
+            )
+        if msg.metadata.reply_to_message_id != instruction.metadata.message_id:
+            return "reply does not answer this round's instruction to the node"
+        return None
+
     def parse_reply(self, msg: Message, stats: RoundStats) -> ClientUpdate | None:
         """Validate one training reply; ``None`` (and a logged reason) if unusable."""
-        node_id = msg.metadata.src_node_id
+        node_id = self._reply_node(msg)
         if msg.has_error():
             self._reject(stats, node_id, f"client error: {msg.error.reason}")
-            stats.clients.setdefault(node_id, ClientRoundStats(node=node_id)).status = STATUS_ERROR
+            if node_id in self._sent:
+                stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
+                stats.clients[node_id].status = STATUS_ERROR
+            return None
+        wrong = self._wrong_instruction(msg)
+        if wrong is not None:
+            self._reject(stats, node_id, wrong)
             return None
         content = msg.content
         if METRICS_KEY not in content.metric_records:
@@ -348,6 +451,8 @@ class LoRAStrategy(Strategy):
         replies = list(replies)
         start = time.perf_counter()
         updates = self._usable_updates(replies, stats)
+        if self._round != server_round:  # aggregate without configure: nothing was asked
+            updates = []
         for client in stats.clients.values():
             if client.status == "sent":
                 client.status = STATUS_NO_REPLY
@@ -365,9 +470,17 @@ class LoRAStrategy(Strategy):
             stats.extra["update"] = f"skipped: {reason}"
             stats.strategy_s += time.perf_counter() - start
             return None, None
-        if self.clip_factor > 0:
-            self._clip(updates, stats)
-        new_state = self.aggregate(server_round, self._global, updates)
+        self._clip(updates, stats)
+        try:
+            if not updates:
+                raise AggregationError("no update left after clipping")
+            new_state = self.aggregate(server_round, self._global, updates)
+            check_global(new_state, self.value_limit())
+        except AggregationError as err:
+            log.warning("round %d: %s; the global adapter is unchanged", server_round, err)
+            stats.extra["update"] = f"skipped: {err}"
+            stats.strategy_s += time.perf_counter() - start
+            return None, None
         stats.extra["update"] = "applied"
         stats.strategy_s += time.perf_counter() - start
         total = sum(u.num_examples for u in updates)
@@ -384,9 +497,19 @@ class LoRAStrategy(Strategy):
 
     def _usable_updates(self, replies: list[Message], stats: RoundStats) -> list[ClientUpdate]:
         """Validated updates in a fixed order (partition, then node): floating-point sums
-        depend on order, and arrival order does not repeat between runs."""
+        depend on order, and arrival order does not repeat between runs. A node that
+        answers more than once has every reply rejected (which one is genuine cannot be
+        told), before any of them is parsed."""
+        senders: dict[int, int] = {}
+        for msg in replies:
+            if not msg.has_error():
+                senders[msg.metadata.src_node_id] = senders.get(msg.metadata.src_node_id, 0) + 1
         updates = []
         for msg in replies:
+            if not msg.has_error() and senders[msg.metadata.src_node_id] > 1:
+                node_id = msg.metadata.src_node_id
+                self._reject(stats, node_id, f"node {node_id} answered {senders[node_id]} times")
+                continue
             try:
                 update = self.parse_reply(msg, stats)
             except Exception as err:  # a hook that fails on one reply must not end the run
@@ -399,7 +522,25 @@ class LoRAStrategy(Strategy):
         return sorted(updates, key=lambda u: (stats.clients[u.node_id].partition, u.node_id))
 
     def _clip(self, updates: list[ClientUpdate], stats: RoundStats) -> None:
+        """Cap weights (:attr:`weight_clip`) and update norms (:attr:`clip_factor`). Norms
+        are taken in float64 of validated (finite, in-range) values, so they are finite;
+        an update whose norm is not (impossible after validation) is dropped, not fatal."""
+        if self.weight_clip > 0:
+            weights = clip_weights([u.num_examples for u in updates], self.weight_clip)
+            capped = {}
+            for update, weight in zip(updates, weights, strict=True):
+                if weight < update.num_examples:
+                    capped[str(update.node_id)] = int(weight)
+                    update.num_examples = int(weight)
+            stats.extra["weight_clipped"] = capped
+        if self.clip_factor <= 0:
+            return
         norms = [state_norm(self.update_delta(u)) for u in updates]
+        for update, norm in zip(list(updates), norms, strict=True):
+            if not np.isfinite(norm):
+                self._reject(stats, update.node_id, "update norm is not finite")
+                updates.remove(update)
+        norms = [n for n in norms if np.isfinite(n)]
         scales = clip_scales(norms, self.clip_factor)
         clipped = {}
         for update, norm, scale in zip(updates, norms, scales, strict=True):
@@ -497,6 +638,20 @@ class LoRAStrategy(Strategy):
         if total == 0:
             return None
         return MetricRecord({"accuracy": acc / total, "loss": loss / total, NUM_EXAMPLES: total})
+
+
+class AggregationError(ValueError):
+    """The aggregate of a round's validated updates cannot be used (e.g. it leaves the
+    range of :meth:`LoRAStrategy.value_limit`); the round is skipped, nothing changes."""
+
+
+def check_global(state: LoraState, limit: float) -> None:
+    """Raise :class:`AggregationError` unless every value of ``state`` is finite and
+    within ``limit``: the last check before a new global state is accepted."""
+    if not all_within(state.values(), limit):
+        raise AggregationError(
+            f"the aggregate leaves the range +-{limit:.4g} of the global state's float type"
+        )
 
 
 def _number(metrics: dict[str, Any], key: str, kind: type, default: Any) -> Any:

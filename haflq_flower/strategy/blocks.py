@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from ..config import BLOCK_PRECISIONS as PRECISIONS
-from ..lora.state import record_dict_bytes
+from ..lora.state import array_to_numpy, record_dict_bytes
 from ..profiles import ClientProfile
 from ..quant.blocks import (
     BlockLayout,
@@ -27,6 +27,7 @@ from ..quant.blocks import (
     random_salience,
     uniform_pattern,
 )
+from ..untrusted import FLOAT32_MAX, printable, within
 from .base import CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
 
 log = logging.getLogger(__name__)
@@ -139,14 +140,19 @@ class BlockPlanner:
         spent = sum(record_dict_bytes(m.content) for m in messages)
         log.info("block salience (%s): asking node(s) %s", self.metric, chosen)
         vectors, weights, problems = [], [], []
-        for reply in grid.send_and_receive(messages, timeout=timeout):
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        senders = [r.metadata.src_node_id for r in replies]
+        for reply in replies:
             node = reply.metadata.src_node_id
             try:
+                if node not in chosen or senders.count(node) > 1:
+                    raise ValueError("not asked, or answered more than once")
                 vector, rows = self._parse(reply, layout.num_blocks)
-            except (ValueError, KeyError) as err:
-                problems.append(f"node {node}: {err}")
-                log.warning("block salience from node %d rejected: %s", node, err)
+            except (ValueError, KeyError, TypeError) as err:
+                problems.append(f"node {node}: {printable(err, 120)}")
+                log.warning("block salience from node %d rejected: %s", node, printable(err))
                 continue
+            rows = min(rows, float(self.calibration_rows))  # the weight asked for, no more
             spent += record_dict_bytes(reply.content)
             vectors.append(vector)
             weights.append(rows)
@@ -167,13 +173,15 @@ class BlockPlanner:
     def _parse(reply: Message, num_blocks: int) -> tuple[np.ndarray, float]:
         if reply.has_error():
             raise ValueError(f"client error: {reply.error.reason}")
-        vector = reply.content.array_records[SALIENCE_KEY][SALIENCE_KEY].numpy()
-        vector = np.asarray(vector, dtype=np.float64)
-        if vector.shape != (num_blocks,) or not np.all(np.isfinite(vector)):
+        if reply.metadata.message_type != SALIENCE_QUERY:
+            raise ValueError(f"reply of type {printable(reply.metadata.message_type, 40)!r}")
+        vector = array_to_numpy(reply.content.array_records[SALIENCE_KEY][SALIENCE_KEY])
+        if vector.shape != (num_blocks,) or not within(vector, FLOAT32_MAX):
             raise ValueError(
-                f"salience must be {num_blocks} finite values, got shape {vector.shape}"
+                f"salience must be {num_blocks} values finite in float32, got shape {vector.shape}"
             )
+        vector = vector.astype(np.float64)
         rows = reply.content.metric_records[METRICS_KEY][NUM_EXAMPLES]
-        if not isinstance(rows, int) or rows <= 0:
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
             raise ValueError(f"bad '{NUM_EXAMPLES}': {rows!r}")
         return vector, float(rows)

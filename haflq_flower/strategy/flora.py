@@ -14,7 +14,8 @@ from ..config import ConfigError, RunConfig
 from ..lora.aggregate import ComponentUpload, fedavg_head, stack_flora
 from ..lora.components import a_key, b_key, lora_modules
 from ..lora.state import LoraState, to_array_record
-from .base import ARRAYS_KEY, CONFIG_KEY
+from ..untrusted import FLOAT32_MAX
+from .base import ARRAYS_KEY, CONFIG_KEY, check_global
 from .hetlora import HetLoRA
 
 MERGE_KEY = "merge"
@@ -119,7 +120,10 @@ class FLoRA(HetLoRA):
     def aggregate_lora(
         self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
     ) -> LoraState:
-        for m, pair in stack_flora(global_state, uploads).items():
+        pairs = stack_flora(global_state, uploads)
+        # Checked before the stacks change: a rejected round leaves the strategy as it was.
+        check_global({m: v for m, pair in pairs.items() for v in pair}, FLOAT32_MAX)
+        for m, pair in pairs.items():
             self.stacks.setdefault(m, []).append(pair)
         # The next round starts from the fresh adapter; the head is FedAvg'd.
         fresh = OrderedDict((k, v.copy()) for k, v in self.fresh.items())

@@ -45,7 +45,7 @@ from ..lora.components import (
     lora_modules,
     module_rank,
 )
-from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance
+from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance, clip_scores
 from ..lora.robust import scale_state
 from ..lora.state import (
     LoraState,
@@ -63,11 +63,15 @@ from ..quant.payload import (
     WIDTHS,
     Layout,
     PayloadError,
+    bound_budget,
     decode,
     delta_from_components,
     encode_downlink,
+    fixed_payload_bytes,
     layout_of,
+    max_payload_bytes,
 )
+from ..untrusted import FLOAT16_MAX, FLOAT32_MAX, printable, within
 from .base import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -75,6 +79,9 @@ from .base import (
     ClientUpdate,
     LoRAStrategy,
     ReplyError,
+    check_global,
+    check_record_bytes,
+    state_record_limit,
 )
 from .blocks import BlockPlanner
 
@@ -159,6 +166,15 @@ class HAFLQStrategy(LoRAStrategy):
     blocks : BlockPlanner, optional
         Block-wise base precision per node (default: off, the base is quantized as
         ``model.quantization`` says). Its ``layout`` must be set before the run.
+    max_uplink_bps : float (default: 1e9)
+        Server-side cap on a profile's self-reported ``uplink-bps`` (0 = no cap).
+    max_memory_mb : float (default: 262144)
+        Server-side cap on a profile's self-reported ``memory-mb`` (0 = no cap).
+    score_clip : float (default: 0.0)
+        If > 0, every reported importance score is capped at ``score_clip`` times the
+        lower median of the round's per-reply maximum scores and the current global
+        maximum (:func:`~haflq_flower.lora.importance.clip_scores`). The run config's
+        default is 10 (``importance.score-clip``).
     **kwargs
         Passed to :class:`LoRAStrategy` (fractions, minimum nodes, seed).
     """
@@ -176,6 +192,9 @@ class HAFLQStrategy(LoRAStrategy):
         downlink_bits: int = 16,
         channel: ChannelConfig | None = None,
         blocks: BlockPlanner | None = None,
+        max_uplink_bps: float = 1e9,
+        max_memory_mb: float = 262_144.0,
+        score_clip: float = 0.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -189,6 +208,16 @@ class HAFLQStrategy(LoRAStrategy):
             raise ValueError(f"uplink must be one of {UPLINKS}, got {uplink!r}")
         if downlink_bits not in (8, 16, 32):
             raise ValueError(f"downlink_bits must be 8, 16 or 32, got {downlink_bits}")
+        for name, value in (
+            ("max_uplink_bps", max_uplink_bps),
+            ("max_memory_mb", max_memory_mb),
+            ("score_clip", score_clip),
+        ):
+            if not (value >= 0 and np.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        self.max_uplink_bps = max_uplink_bps
+        self.max_memory_mb = max_memory_mb
+        self.score_clip = score_clip
         self.mode = mode
         self.aggregation = aggregation
         self.uplink = uplink
@@ -240,10 +269,21 @@ class HAFLQStrategy(LoRAStrategy):
         return aggregate_components(global_state, uploads, self.aggregation)
 
     def update_importance(self, server_round: int, updates: list[ClientUpdate]) -> None:
-        """Fold the clients' reported scores into the global importance (n_k-weighted)."""
-        self.importance.update(
-            [ComponentReport(u.num_examples, u.payload.trained, u.payload.scores) for u in updates]
-        )
+        """Fold the clients' reported scores into the global importance (n_k-weighted),
+        each first capped by :attr:`score_clip` (when > 0)."""
+        reports = [
+            ComponentReport(u.num_examples, u.payload.trained, u.payload.scores) for u in updates
+        ]
+        if self.score_clip > 0:
+            scores = self.importance.scores
+            reference = max((float(v.max(initial=0.0)) for v in scores.values()), default=0.0)
+            reports = clip_scores(reports, self.score_clip, reference)
+        self.importance.update(reports)
+
+    def value_limit(self) -> float:
+        """float16's range when the global is sent as float16 (16-bit downlink, and the
+        head of the 8-bit one), else float32's."""
+        return FLOAT16_MAX if self.downlink_bits in (8, 16) else FLOAT32_MAX
 
     # -------------------------------------------------------------- profiles
     def query_profiles(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
@@ -261,32 +301,43 @@ class HAFLQStrategy(LoRAStrategy):
         ]
         stats = self.stats[server_round]
         stats.control_bytes += sum(record_dict_bytes(m.content) for m in messages)
-        replies = {
-            m.metadata.src_node_id: m
-            for m in grid.send_and_receive(messages, timeout=self.query_timeout)
-        }
+        replies: dict[int, list[Message]] = {}
+        for m in grid.send_and_receive(messages, timeout=self.query_timeout):
+            replies.setdefault(m.metadata.src_node_id, []).append(m)
         for node_id in unknown:
-            reply = replies.get(node_id)
+            answers = replies.get(node_id, [])
             try:
-                if reply is None:
+                if not answers:
                     raise ProfileError("no reply")
+                if len(answers) > 1:
+                    raise ProfileError(f"{len(answers)} replies to one query")
+                reply = answers[0]
                 if reply.has_error():
-                    raise ProfileError(reply.error.reason)
+                    raise ProfileError(f"client error: {reply.error.reason}")
+                if reply.metadata.message_type != PROFILE_QUERY:
+                    raise ProfileError(f"reply of type {reply.metadata.message_type!r}")
                 stats.control_bytes += record_dict_bytes(reply.content)
+                if PROFILE_KEY not in reply.content.config_records:
+                    raise ProfileError(f"reply lacks the '{PROFILE_KEY}' record")
                 record = reply.content.config_records[PROFILE_KEY]
-                self.profiles[node_id] = ClientProfile.from_mapping(dict(record))
-            except (ProfileError, KeyError) as err:
+                profile = ClientProfile.from_mapping(dict(record))
+                profile, note = profile.capped(self.max_uplink_bps, self.max_memory_mb)
+                if note:
+                    log.warning("node %d: profile %s", node_id, note)
+                self.profiles[node_id] = profile
+            except (ProfileError, KeyError, TypeError) as err:
                 log.warning(
                     "node %d: no usable profile (%s); using the default %s",
                     node_id,
-                    err,
+                    printable(err),
                     self.default_profile,
                 )
                 self.profiles[node_id] = self.default_profile
         log.info(
             "profiles: %s",
             ", ".join(
-                f"node {n}: {self.profiles[n].tier}/r={self.profiles[n].lora_rank}" for n in unknown
+                f"node {n}: {printable(self.profiles[n].tier, 64)}/r={self.profiles[n].lora_rank}"
+                for n in unknown
             ),
         )
 
@@ -358,13 +409,38 @@ class HAFLQStrategy(LoRAStrategy):
             profile = self.profiles.get(node_id, self.default_profile)
             rank = self.client_budget(node_id, profile, self.global_rank)
             selection = self.select_components(server_round, node_id, rank)
-            budget = self.uplink_budget_bytes(node_id, profile) if self.uplink == "adaptive" else 0
+            budget, channel_budget, note = 0, 0, ""
+            if self.uplink == "adaptive":
+                channel_budget = int(self.uplink_budget_bytes(node_id, profile))
+                budget, note = self._bound_budget(channel_budget, selection)
+                if note.startswith("raised"):
+                    log.warning(
+                        "round %d: node %d: uplink budget of %d bytes %s (%d bytes: meta, "
+                        "empty arrays and the head), so that its head delta and scores "
+                        "still arrive; it uploads no component",
+                        server_round,
+                        node_id,
+                        channel_budget,
+                        note,
+                        budget,
+                    )
             bits = self.block_bits(node_id, profile)
             self.assignments[node_id] = Assignment(profile, rank, selection, budget, bits)
             client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
             client.tier, client.rank, client.budget_bytes = profile.tier, rank, budget
+            client.channel_budget_bytes, client.budget_note = channel_budget, note
             if bits is not None:
                 client.block_bits = pattern_to_str(bits)
+
+    def _bound_budget(self, budget: int, selection: Selection) -> tuple[int, str]:
+        """The channel budget kept within [fixed part, largest payload of ``selection``]
+        (:func:`~haflq_flower.quant.payload.bound_budget`)."""
+        layout = self._layout()
+        dims = dict(zip(self.importance.modules, layout.module_dims, strict=True))
+        lengths = [sum(dims[m]) for m in self.importance.modules for _ in selection[m]]
+        fixed = fixed_payload_bytes(layout.head_shapes)
+        largest = max_payload_bytes(lengths, layout.head_shapes, self.widths)
+        return bound_budget(budget, fixed, largest)
 
     def train_records(
         self, server_round: int, node_id: int, global_state: LoraState
@@ -414,6 +490,14 @@ class HAFLQStrategy(LoRAStrategy):
             if key not in content.array_records:
                 raise ReplyError(f"reply lacks the '{key}' record")
         modules = list(job.selection)
+        # Sizes first, from the records' byte counts: nothing is parsed beyond what the
+        # assigned work can need (one int64/float64 per assigned component and module).
+        index_limit = sum(len(m) + 256 + 8 * len(job.selection[m]) for m in modules)
+        for key in (SELECTION_KEY, SCORES_KEY):
+            check_record_bytes(content.array_records[key], index_limit, key)
+        if upload_key == ARRAYS_KEY:
+            limit = state_record_limit(gather(self._global, job.selection))
+            check_record_bytes(content.array_records[ARRAYS_KEY], limit, ARRAYS_KEY)
         trained = check_selection(
             record_to_arrays(content.array_records[SELECTION_KEY]), modules, self.global_rank
         )
@@ -424,10 +508,17 @@ class HAFLQStrategy(LoRAStrategy):
         if set(scores) != set(modules):
             raise ReplyError("scores do not name the assigned modules")
         for m in modules:
-            sc = np.asarray(scores[m], dtype=np.float64)
-            if sc.shape != trained[m].shape or not np.isfinite(sc).all() or (sc < 0).any():
-                raise ReplyError(f"{m}: scores must be {trained[m].shape} finite, >= 0")
-            scores[m] = sc
+            sc = np.asarray(scores[m])
+            if (
+                sc.shape != trained[m].shape
+                or sc.dtype.kind not in "fiu"
+                or not within(sc, FLOAT32_MAX)
+                or (sc < 0).any()
+            ):
+                raise ReplyError(
+                    f"{m}: scores must be {trained[m].shape} numbers >= 0 and finite in float32"
+                )
+            scores[m] = sc.astype(np.float64)
         if self.uplink == "adaptive":
             selection, delta = self._decode_payload(content.array_records[PAYLOAD_KEY], job, stats)
         else:
@@ -438,6 +529,7 @@ class HAFLQStrategy(LoRAStrategy):
         for m in modules:
             if not np.isin(selection[m], trained[m]).all():
                 raise ReplyError(f"{m}: uploaded components that were not trained")
+        self._check_new_values(selection, delta)
         stats.components_up = int(sum(len(idx) for idx in selection.values()))
         return ComponentPayload(selection, delta, trained, scores)
 
@@ -446,6 +538,18 @@ class HAFLQStrategy(LoRAStrategy):
         delta = from_array_record(record)
         check_state(gather(self._global, selection), delta)
         return OrderedDict((k, v.astype(np.float32)) for k, v in delta.items())
+
+    def _check_new_values(self, selection: Selection, delta: LoraState) -> None:
+        """Reject a delta that would take a value of the global state out of
+        :meth:`value_limit` (global + delta computed in float64)."""
+        base = gather(self._global, selection)
+        limit = self.value_limit()
+        for key, value in delta.items():
+            if key in base and not within(base[key].astype(np.float64) + value, limit):
+                raise ReplyError(
+                    f"{key}: global + delta leaves +-{limit:.4g}, the range of the float "
+                    "type the global adapter is sent in"
+                )
 
     def _layout(self) -> Layout:
         return layout_of(self._global, list(self.importance.modules))
@@ -458,7 +562,7 @@ class HAFLQStrategy(LoRAStrategy):
             raise ReplyError(f"payload of {size} bytes exceeds the budget of {job.budget_bytes}")
         layout = self._layout()
         try:
-            keys, widths, a, b, head = decode(record_to_arrays(record), layout)
+            keys, widths, a, b, head = decode(record_to_arrays(record), layout, self.widths)
         except PayloadError as err:
             raise ReplyError(f"payload: {err}") from err
         stats.bits = {str(w): int((widths == w).sum()) for w in (*WIDTHS,)}
@@ -475,6 +579,7 @@ class HAFLQStrategy(LoRAStrategy):
             for u in updates
         ]
         new_state = self.aggregate_lora(server_round, global_state, uploads)
+        check_global(new_state, self.value_limit())  # before any strategy state changes
         self.update_importance(server_round, updates)
         counts = component_counts(self.global_rank, list(self.importance.modules), uploads)
         mean_counts = np.mean(np.stack(list(counts.values())), axis=0)
