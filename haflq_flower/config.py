@@ -82,7 +82,11 @@ DEFAULTS: dict[str, Any] = {
     "strategy.round-timeout": 3600.0,
     "strategy.min-replies": 1,
     "strategy.max-examples": 10_000_000,
-    "strategy.clip-factor": 0.0,
+    "strategy.clip-factor": 5.0,
+    "strategy.weight-clip": 5.0,
+    "importance.score-clip": 10.0,
+    "profile.max-uplink-bps": 1e9,
+    "profile.max-memory-mb": 262144.0,
     "simulation.dropout": 0.0,
     "output.dir": "",
     "output.plots": True,
@@ -221,6 +225,12 @@ class StrategyConfig:
     channel: ChannelConfig
     payload: PayloadConfig
     blocks: BlockConfig
+    # Robustness against self-reported numbers (docs/reliability.md): caps on weights
+    # and scores relative to the round, and on claimed uplink and memory.
+    weight_clip: float = 0.0
+    score_clip: float = 0.0
+    max_uplink_bps: float = 1e9
+    max_memory_mb: float = 262144.0
 
 
 @dataclass(frozen=True)
@@ -476,6 +486,10 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         min_replies=_positive(cfg, "strategy.min-replies", int),
         max_examples=_positive(cfg, "strategy.max-examples", int),
         clip_factor=_positive(cfg, "strategy.clip-factor", float, allow_zero=True),
+        weight_clip=_positive(cfg, "strategy.weight-clip", float, allow_zero=True),
+        score_clip=_positive(cfg, "importance.score-clip", float, allow_zero=True),
+        max_uplink_bps=_positive(cfg, "profile.max-uplink-bps", float, allow_zero=True),
+        max_memory_mb=_positive(cfg, "profile.max-memory-mb", float, allow_zero=True),
     )
     dropout = _get(cfg, "simulation.dropout", float)
     if not 0.0 <= dropout < 1.0:
