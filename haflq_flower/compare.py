@@ -19,7 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import launch
+import numpy as np
+
+from . import launch, predictions, stats
 from .config import parse_run_config
 
 # Named arms: run-config overrides on top of the common config.
@@ -277,9 +279,12 @@ def summarize(
     target: float | None,
     common_config: Mapping[str, Any] | None = None,
     claims: tuple[str, str] | None = None,
+    reference: str | None = None,
 ):
     """Write ``summary.json`` and ``summary.md`` (and plots) for the finished runs;
-    with ``claims = (arm, baseline)``, also the paper's claims side by side."""
+    with ``claims = (arm, baseline)``, also the paper's claims side by side. Runs that
+    wrote predictions get paired decisions against ``reference`` (default: ``haflq``
+    when run, else the first arm) and the bounds check."""
     rows: dict[str, list[dict]] = {}
     for arm in arms:
         for seed in seeds:
@@ -365,14 +370,203 @@ def summarize(
         ]
         lines.append("| " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + "\n\n" + rounds_markdown(rows)
+    correct = load_correct(out_dir, arms, seeds)
+    if correct:
+        ref = reference or ("haflq" if "haflq" in correct else next(iter(correct)))
+        if ref not in correct:
+            raise SystemExit(f"error: --reference {ref!r} has no finished run with predictions")
+        decisions = paired_decisions(correct, ref)
+        table["decisions"] = decisions
+        markdown += "\n" + decisions_markdown(decisions)
     if claims is not None and all(arm in rows for arm in claims):
         found = paper_claims(rows[claims[0]], rows[claims[1]])
+        pairs = _pairs(correct, *claims)
+        if pairs:  # accuracy decided by the paired test, not by the spread over seeds
+            test = stats.pooled_mcnemar(pairs)
+            found["accuracy"]["p"] = test.p
+            found["accuracy"]["resolved"] = test.p < ALPHA
         table["claims"] = {"arm": claims[0], "baseline": claims[1], "rows": found}
         markdown += "\n" + claims_markdown(found, *claims)
     (out_dir / "summary.md").write_text(markdown)
     (out_dir / "summary.json").write_text(json.dumps(table, indent=2))
     plot_comparison(rows, out_dir, tier_names)
     return markdown
+
+
+BOUNDS = ("bound-high", "bound-low")
+ALPHA = 0.05
+
+
+def final_correct(run_dir: Path) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """(last evaluated round, labels, per-row correctness) from a run's predictions, or
+    ``None`` when the run wrote none."""
+    try:
+        found = predictions.load(run_dir)
+    except predictions.PredictionsError:
+        return None
+    last = max(found.rounds)
+    return last, found.labels, found.correct(last)
+
+
+def load_correct(
+    out_dir: Path, arms: Sequence[str], seeds: Sequence[int]
+) -> dict[str, dict[int, np.ndarray]]:
+    """Per arm and seed, every evaluated row's correctness after the final round, for
+    the finished runs that wrote predictions. Runs must share rows and round count
+    (equal rounds, same test rows): a mismatch is an error, not a silent skip."""
+    out: dict[str, dict[int, np.ndarray]] = {}
+    reference: tuple[int, np.ndarray, str] | None = None
+    for arm in arms:
+        for seed in seeds:
+            run_dir = out_dir / f"{arm}-seed{seed}"
+            if not _complete(run_dir / "results.json"):
+                continue
+            found = final_correct(run_dir)
+            if found is None:
+                continue
+            last, labels, correct = found
+            if reference is None:
+                reference = (last, labels, run_dir.name)
+            elif last != reference[0] or not np.array_equal(labels, reference[1]):
+                raise SystemExit(
+                    f"error: {run_dir.name} ends at round {last} on {len(labels)} rows, "
+                    f"{reference[2]} at round {reference[0]} on {len(reference[1])}: paired "
+                    "tests need equal rounds on the same rows"
+                )
+            out.setdefault(arm, {})[seed] = correct
+    return out
+
+
+def _pairs(correct, a: str, b: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    seeds = sorted(set(correct.get(a, {})) & set(correct.get(b, {})))
+    return [(correct[a][s], correct[b][s]) for s in seeds]
+
+
+def paired_decisions(
+    correct: Mapping[str, Mapping[int, np.ndarray]], reference: str, bounds=BOUNDS
+) -> dict[str, Any]:
+    """The bounds check and every arm against ``reference`` on the same rows.
+
+    Bounds: ``bound-high`` vs ``bound-low``, pooled exact McNemar over their common
+    seeds; "decided apart" needs p < 0.05 with high above low. Arms: for each arm with
+    seeds in common with ``reference``, the mean accuracy difference (reference - arm),
+    McNemar per seed and pooled, a paired-bootstrap 95% interval, and the pooled p-values
+    Holm-adjusted over the family of arms; "decided" at adjusted p < 0.05. Gap closed
+    ``(acc - low) / (high - low)`` with a bootstrap interval, only when the bounds are
+    decided apart.
+    """
+    out: dict[str, Any] = {"reference": reference, "alpha": ALPHA, "bounds": None, "arms": {}}
+    high, low = bounds
+    bounds_apart = False
+    if correct.get(high) and correct.get(low):
+        pairs = _pairs(correct, high, low)
+        test = stats.pooled_mcnemar(pairs) if pairs else None
+        acc_high = float(np.mean([c.mean() for c in correct[high].values()]))
+        acc_low = float(np.mean([c.mean() for c in correct[low].values()]))
+        bounds_apart = test is not None and test.p < ALPHA and acc_high > acc_low
+        out["bounds"] = {
+            "high": acc_high,
+            "low": acc_low,
+            "seeds": len(pairs),
+            "b": None if test is None else test.b,
+            "c": None if test is None else test.c,
+            "p": None if test is None else test.p,
+            "decided_apart": bounds_apart,
+        }
+    arms = [a for a in correct if a != reference and _pairs(correct, reference, a)]
+    raw_p = []
+    for arm in arms:
+        pairs = _pairs(correct, reference, arm)
+        pooled = stats.pooled_mcnemar(pairs)
+        interval = stats.paired_bootstrap(pairs)
+        raw_p.append(pooled.p)
+        out["arms"][arm] = {
+            "seeds": len(pairs),
+            "reference_acc": float(np.mean([a.mean() for a, _ in pairs])),
+            "arm_acc": float(np.mean([b.mean() for _, b in pairs])),
+            "diff": interval.estimate,
+            "ci": [interval.low, interval.high],
+            "per_seed_p": [stats.mcnemar_exact(a, b).p for a, b in pairs],
+            "b": pooled.b,
+            "c": pooled.c,
+            "p": pooled.p,
+        }
+    for arm, adjusted in zip(arms, stats.holm(raw_p), strict=True):
+        row = out["arms"][arm]
+        row["p_holm"] = adjusted
+        if adjusted >= ALPHA:
+            row["verdict"] = "not decided"
+        else:
+            row["verdict"] = "decided better" if row["diff"] > 0 else "decided worse"
+    if bounds_apart:
+        for arm in [reference, *arms]:
+            if arm in bounds or arm not in correct:
+                continue
+            gap = stats.gap_closed(
+                list(correct[arm].values()),
+                list(correct[low].values()),
+                list(correct[high].values()),
+            )
+            out.setdefault("gap_closed", {})[arm] = [gap.estimate, gap.low, gap.high]
+    return out
+
+
+def decisions_markdown(found: Mapping[str, Any]) -> str:
+    """The bounds line and the "reference vs arm" table."""
+    ref = found["reference"]
+    lines = ["Paired decisions on the same evaluated rows, final round:", ""]
+    bounds = found.get("bounds")
+    gaps = found.get("gap_closed", {})
+    if bounds is None:
+        lines.append("Bounds: not run (arms bound-high and bound-low); no gap closed.")
+    else:
+        verdict = "decided apart" if bounds["decided_apart"] else "NOT decided apart"
+        p = "-" if bounds["p"] is None else f"{bounds['p']:.3g}"
+        lines.append(
+            f"Bounds: bound-high {bounds['high']:.4f} vs bound-low {bounds['low']:.4f} "
+            f"({bounds['seeds']} paired seed(s); rows only high right {bounds['b']}, only low "
+            f"right {bounds['c']}; exact McNemar p = {p}): **{verdict}**."
+        )
+        if not bounds["decided_apart"]:
+            lines.append(
+                "The regime cannot separate a known upper and lower bound: no method "
+                "comparison below is a result (change the regime: more rounds, a harder "
+                "task, a lower smallest rank)."
+            )
+    if ref in gaps:
+        g = gaps[ref]
+        lines.append(
+            f"`{ref}` closes {100 * g[0]:.0f}% of the gap (95% CI {100 * g[1]:.0f}% to "
+            f"{100 * g[2]:.0f}%)."
+        )
+    lines += [
+        "",
+        f"| {ref} vs | seeds | acc {ref} | acc arm | diff | 95% CI (bootstrap) | only {ref} "
+        "right / only arm right | p per seed | p pooled | p Holm | verdict | gap closed by arm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, row in found["arms"].items():
+        gap = gaps.get(arm)
+        gap_text = (
+            "-"
+            if gap is None
+            else f"{100 * gap[0]:.0f}% ({100 * gap[1]:.0f} to {100 * gap[2]:.0f})"
+        )
+        lines.append(
+            f"| {arm} | {row['seeds']} | {row['reference_acc']:.4f} | {row['arm_acc']:.4f} | "
+            f"{row['diff']:+.4f} | {row['ci'][0]:+.4f} to {row['ci'][1]:+.4f} | "
+            f"{row['b']} / {row['c']} | {', '.join(f'{p:.3g}' for p in row['per_seed_p'])} | "
+            f"{row['p']:.3g} | {row['p_holm']:.3g} | {ref} {row['verdict']} | {gap_text} |"
+        )
+    lines += [
+        "",
+        f"diff = accuracy of {ref} minus the arm's (mean over paired seeds). McNemar's exact "
+        "test per seed and pooled (discordant rows summed over seeds); the pooled p-values "
+        f"are Holm-adjusted over the {len(found['arms'])} arm(s) of this table; decided at "
+        f"adjusted p < {found['alpha']}. The tests cover the evaluated rows, not training "
+        "noise: that is what the seeds are for.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def rounds_markdown(rows: Mapping[str, list[dict]]) -> str:
@@ -464,10 +658,12 @@ def paper_claims(ours: Sequence[dict], base: Sequence[dict]) -> dict[str, dict[s
 def claims_markdown(found: Mapping[str, Mapping[str, Any]], arm: str, baseline: str) -> str:
     """The claims table: ours next to the paper's."""
     lines = [
-        f"Paper's claims: `{arm}` against `{baseline}` (mean over seeds; a difference is "
-        "resolved when it exceeds twice its standard error, which needs 2+ seeds per arm)",
+        f"Paper's claims: `{arm}` against `{baseline}` (mean over seeds). Accuracy is decided "
+        "by the pooled exact McNemar test on the same rows (p < 0.05) where the runs wrote "
+        "predictions; memory and bytes, measured per run, when the difference exceeds twice "
+        "its standard error (2+ seeds per arm)",
         "",
-        f"| quantity | paper | ours | {arm} | {baseline} | resolved |",
+        f"| quantity | paper | ours | {arm} | {baseline} | decided |",
         "|---|---|---|---|---|---|",
     ]
     for key, row in found.items():
@@ -484,7 +680,9 @@ def claims_markdown(found: Mapping[str, Mapping[str, Any]], arm: str, baseline: 
         lines.append(
             f"| {CLAIM_LABELS[key]} | {row['paper_pct']:+.0f}% | {row['change_pct']:+.1f}% | "
             f"{cell(row['ours'], row['ours_sd'])} | {cell(row['baseline'], row['baseline_sd'])}"
-            f" | {'yes' if row['resolved'] else 'no'} |"
+            f" | {'yes' if row['resolved'] else 'no'}"
+            + (f" (p = {row['p']:.3g})" if row.get("p") is not None else "")
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -604,6 +802,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also compare ARM against BASELINE next to the paper's -31%% memory, -49%% "
         "communication and +50%% accuracy (e.g. haflq-full:paper-baseline)",
     )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="arm every other arm is tested against, row by row (default: haflq if run)",
+    )
     args, launcher_args = parser.parse_known_args(argv)
 
     out_dir = Path(args.out).resolve()
@@ -621,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         claims = (arm, baseline)
     if not args.summary_only:
         run_grid(out_dir, arms, seeds, common, args.num_supernodes, launcher_args)
-    markdown = summarize(out_dir, arms, seeds, args.target, common, claims)
+    markdown = summarize(out_dir, arms, seeds, args.target, common, claims, args.reference)
     print(markdown)
     print(f"Summary: {out_dir / 'summary.md'}; plot: {out_dir / 'accuracy.png'}")
     return 0

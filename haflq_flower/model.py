@@ -451,6 +451,9 @@ def label_word_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> 
     ids = []
     for word in words:
         tokens = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
+        # byte-level tokenizers without merges give the space a token of its own
+        while len(tokens) > 1 and not tokenizer.decode(tokens[:1]).strip():
+            tokens = tokens[1:]
         if not tokens:
             raise ModelLoadError(f"label word {word!r} tokenizes to nothing")
         ids.append(int(tokens[0]))

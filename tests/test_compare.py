@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from haflq_flower import compare
+from haflq_flower import compare, predictions
 
 from .conftest import TINY
 
@@ -62,6 +62,9 @@ def test_config_string_quotes_strings_only():
     s = compare.config_string({"a": "x", "b": 2, "c": 0.5, "d": True})
     assert s == 'a="x" b=2 c=0.5 d=true'
     assert compare._parse_overrides([s]) == {"a": "x", "b": 2, "c": 0.5, "d": True}
+    # a template with spaces, a newline and quotes survives the round trip
+    template = {"data.template": 'Review: {text}\nSay "yes" or no:', "e": 1e-3}
+    assert compare._parse_overrides([compare.config_string(template)]) == template
 
 
 def test_grid_runs_two_arms_and_skips_finished(tmp_path, monkeypatch):
@@ -89,17 +92,27 @@ def test_grid_runs_two_arms_and_skips_finished(tmp_path, monkeypatch):
     ]
     assert compare.main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"fedit", "haflq", "claims"}
+    assert set(summary) == {"fedit", "haflq", "claims", "decisions"}
     claims = summary["claims"]["rows"]
     # HAFLQ's clients upload r_k of R components: fewer bytes than FedIT's full adapter
     assert claims["communication"]["change_pct"] < 0
     assert claims["communication"]["ours"] == summary["haflq"]["runs"][0]["bytes_up"]
-    assert not claims["accuracy"]["resolved"]  # one seed: no spread, never a win
+    # accuracy is decided by the paired test on the same rows (tiny model: a tie)
+    assert 0.0 <= claims["accuracy"]["p"] <= 1.0
     assert "| uplink bytes (whole run) | -49% |" in (out / "summary.md").read_text()
     for arm in ("fedit", "haflq"):
         results = json.loads((out / f"{arm}-seed0" / "results.json").read_text())
         assert results["config"]["strategy.name"] == arm
         assert len(results["rounds"]) == 2
+        # every round's predictions reproduce the accuracy in results.json exactly
+        found = predictions.load(out / f"{arm}-seed0")
+        assert sorted(found.rounds) == [0, 1] and found.split == "test"
+        for r in results["rounds"]:
+            assert found.accuracy(r["round"]) == r["accuracy"]
+    decisions = summary["decisions"]
+    assert decisions["reference"] == "haflq" and decisions["bounds"] is None
+    assert set(decisions["arms"]) == {"fedit"}
+    assert "| haflq vs |" in (out / "summary.md").read_text()
     assert "| fedit |" in (out / "summary.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 0
     assert (out / "memory.png").stat().st_size > 0

@@ -157,3 +157,42 @@ def test_loaded_model_holds_no_view_of_the_checkpoint_file(tiny_config, override
     assert all(
         torch.isfinite(p.float()).all() for p in model.parameters() if p.dtype.is_floating_point
     )
+
+
+def test_label_word_head_is_the_lm_head_at_the_last_token(tiny_config, tmp_path):
+    """With model.head-init='label-words' the classifier's logits are the causal LM's
+    next-token logits of the label words at the last (non-pad) token."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from haflq_flower.model import init_label_word_head, label_word_ids
+
+    cfg = tiny_config(model__quantization="none")
+    tiny = resolve_model_path(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    lm = LlamaForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    lm.config.tie_word_embeddings = True
+    lm.tie_weights()
+    lm.save_pretrained(tmp_path / "tied")
+    tokenizer.save_pretrained(tmp_path / "tied")
+    clf = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "tied", num_labels=2, dtype=torch.float32
+    )
+    clf.config.pad_token_id = tokenizer.pad_token_id
+    words = ("negative", "positive")
+    init_label_word_head(clf, tokenizer, words)
+    ids = label_word_ids(tokenizer, words)
+    assert ids[0] != ids[1]
+    batch = tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = clf(**batch).logits
+        lm_logits = lm(**batch).logits
+    last = batch["attention_mask"].sum(1) - 1
+    want = lm_logits[torch.arange(2), last][:, ids]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    # untied embeddings (the LM head is not loaded into a classifier): a clear error
+    untied = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=2)
+    with pytest.raises(ModelLoadError, match="tied"):
+        init_label_word_head(untied, tokenizer, words)
+    with pytest.raises(ModelLoadError, match="2 labels"):
+        init_label_word_head(clf, tokenizer, ("a", "b", "c"))
