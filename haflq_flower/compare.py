@@ -14,6 +14,7 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -149,12 +150,19 @@ def run_grid(
     common: Mapping[str, Any],
     num_supernodes: int,
     launcher_args: Sequence[str] = (),
+    parallel: int = 1,
 ) -> list[Path]:
-    """Run every (arm, seed) not finished yet; return their result directories."""
+    """Run every (arm, seed) not finished yet; return their result directories.
+
+    A run that stopped part-way (a checkpoint but no final results) is resumed from its
+    checkpoint. ``parallel`` > 1 runs that many arms at once, each its own launcher
+    process (own SuperLink, own Ray) logging to ``<run dir>/launch.log``: for a GPU
+    that several arms share (``--client-gpus``).
+    """
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"error: unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
-    dirs = []
+    dirs, jobs = [], []
     for seed in seeds:
         for arm in arms:
             run_dir = out_dir / f"{arm}-seed{seed}"
@@ -163,21 +171,47 @@ def run_grid(
                 print(f"[compare] {run_dir.name}: already finished, skipped", flush=True)
                 continue
             config = {**common, **arm_overrides(arm, common), "seed": seed}
+            if (run_dir / "checkpoint.npz").exists():
+                config["resume"] = str(run_dir)
+                print(f"[compare] {run_dir.name}: resuming from its checkpoint", flush=True)
             print(f"[compare] {run_dir.name}: {config_string(config)}", flush=True)
-            code = launch.main(
-                [
-                    "--num-supernodes",
-                    str(num_supernodes),
-                    "--output-dir",
-                    str(run_dir),
-                    "--run-config",
-                    config_string(config),
-                    *launcher_args,
-                ]
+            argv = [
+                "--num-supernodes",
+                str(num_supernodes),
+                "--output-dir",
+                str(run_dir),
+                "--run-config",
+                config_string(config),
+                *launcher_args,
+            ]
+            jobs.append((run_dir, argv))
+    if parallel <= 1:
+        for run_dir, argv in jobs:
+            _report(run_dir, launch.main(argv))
+        return dirs
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run_one(job: tuple[Path, list[str]]) -> None:
+        run_dir, argv = job
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "launch.log", "ab") as log_file:
+            code = subprocess.call(
+                [sys.executable, "-m", "haflq_flower.launch", *argv],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
             )
-            if code != 0:
-                print(f"[compare] {run_dir.name}: FAILED (exit {code})", flush=True)
+        _report(run_dir, code)
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(run_one, jobs))
     return dirs
+
+
+def _report(run_dir: Path, code: int) -> None:
+    if code != 0:
+        print(f"[compare] {run_dir.name}: FAILED (exit {code})", flush=True)
+    else:
+        print(f"[compare] {run_dir.name}: finished", flush=True)
 
 
 def summarize_run(results: dict, target: float | None) -> dict[str, Any]:
@@ -796,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", action="append", default=[], help="common overrides")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the table")
     parser.add_argument(
+        "--parallel", type=int, default=1, help="arms run at once (e.g. sharing one GPU)"
+    )
+    parser.add_argument(
         "--claims",
         default=None,
         metavar="ARM:BASELINE",
@@ -823,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         claims = (arm, baseline)
     if not args.summary_only:
-        run_grid(out_dir, arms, seeds, common, args.num_supernodes, launcher_args)
+        run_grid(out_dir, arms, seeds, common, args.num_supernodes, launcher_args, args.parallel)
     markdown = summarize(out_dir, arms, seeds, args.target, common, claims, args.reference)
     print(markdown)
     print(f"Summary: {out_dir / 'summary.md'}; plot: {out_dir / 'accuracy.png'}")

@@ -166,3 +166,20 @@ def test_rounds_table_averages_seeds():
     ]
     text = compare.rounds_markdown({"a": runs})
     assert "| a | 0.500 | 0.700 | 0.800 |" in text
+
+
+def test_grid_resumes_interrupted_runs_and_skips_finished(tmp_path, monkeypatch):
+    (tmp_path / "fedit-seed0").mkdir()
+    (tmp_path / "fedit-seed0" / "results.json").write_text('{"rounds": [], "final": null}')
+    (tmp_path / "fedit-seed0" / "checkpoint.npz").write_bytes(b"")
+    (tmp_path / "haflq-seed0").mkdir()
+    (tmp_path / "haflq-seed0" / "results.json").write_text('{"rounds": [], "final": {}}')
+    calls = []
+    monkeypatch.setattr(compare.launch, "main", lambda argv: calls.append(argv) or 0)
+    compare.run_grid(tmp_path, ["fedit", "haflq", "bound-low"], [0], {"lora.rank": 8}, 3)
+    assert len(calls) == 2  # haflq finished: skipped
+    resumed = compare._parse_overrides([calls[0][calls[0].index("--run-config") + 1]])
+    assert resumed["resume"] == str(tmp_path / "fedit-seed0")
+    low = compare._parse_overrides([calls[1][calls[1].index("--run-config") + 1]])
+    assert "resume" not in low
+    assert (low["strategy.name"], low["lora.rank"], low["lora.alpha"]) == ("fedit", 2, 4.0)
