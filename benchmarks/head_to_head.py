@@ -1,26 +1,31 @@
-"""Issue 6's head-to-head: HAFLQ against FedIT (homogeneous and truncated), HetLoRA,
-FlexLoRA, FLoRA and FFA-LoRA on one task, plus the paper's claims (``haflq-full``
-against ``paper-baseline``).
+"""The decided head-to-head (issue 18): HAFLQ against the bounds and every peer, on one
+task, in a regime where only LoRA factors learn, with paired per-row tests.
 
-Defaults: the embedded default task (Rotten Tomatoes, SmolLM2-135M NF4), 10 clients in
-three tiers (r_k = 2, 4, 8 of R = 8; weight budgets for the block-precision arms from
-the model's layout, as in ``block_precision.py``), Dirichlet(0.5) label skew, 3 rounds of
-4 local steps, 200 held-out test rows, full-precision (fp32) downloads for the peers.
-Sized for about an hour on a 2-core CPU. Every argument after the defaults goes to
-``haflq_flower.compare`` and wins, e.g. more seeds for the headline rows into the same
-directory (finished runs are skipped)::
+The regime (docs/benchmarks.md, "Decided head-to-head", says how it was chosen): the
+model answers with a label word through its own LM head (``model.head-init=label-words``
+behind a prompt, head frozen with ``train.head-learning-rate=0``), so every accuracy
+difference comes from the LoRA factors and their aggregation. 6 clients (two per tier,
+r_k = 2, 4, 8 of R = 8), Dirichlet(0.5) label skew, a validation split held out of
+training (learning rates and rounds were chosen on it, never on the test split), the
+server's final evaluation on the test split with every row's prediction saved, so that
+``compare`` can decide each "HAFLQ vs X" with McNemar's exact test (Holm over the arms),
+after checking that ``bound-high`` and ``bound-low`` are decided apart.
 
-    python benchmarks/head_to_head.py --out outputs/h2h
-    python benchmarks/head_to_head.py --out outputs/h2h \\
-        --arms haflq-full,paper-baseline --seeds 0,1,2
-    # 20 Newsgroups (make install-20newsgroups first):
-    python benchmarks/head_to_head.py --out outputs/h2h-20ng --run-config 'data.name="20newsgroups"'
+    python benchmarks/head_to_head.py --out outputs/h2h-rt --task rotten-tomatoes
+    python benchmarks/head_to_head.py --out outputs/h2h-20ng --task 20newsgroups
+    # more seeds for the headline arms, into the same directory (finished runs skipped,
+    # interrupted ones resumed from their checkpoints):
+    python benchmarks/head_to_head.py --out outputs/h2h-rt --task rotten-tomatoes \\
+        --arms haflq,bound-high,bound-low,paper-baseline --seeds 0,1
 
-On a GPU, the same command with ``--run-config 'model.name="..."'`` and more rounds.
+Every argument after the preset goes to ``haflq_flower.compare`` and wins (e.g.
+``--parallel 12 --client-gpus 0.25`` on one GPU: ``benchmarks/gpu_grid.sh``).
+20 Newsgroups needs ``make install-20newsgroups`` first.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -30,24 +35,71 @@ from block_precision import memory_mb  # noqa: E402
 
 from haflq_flower import compare  # noqa: E402
 
-ARMS = "fedit,fedit-trunc,hetlora,flexlora,flora,ffa-lora,haflq-quant,haflq-full,paper-baseline"
+# bounds first: the table is void unless they are decided apart
+ARMS = (
+    "bound-high,bound-low,haflq,haflq-fp32,freeze-zeropad,hetlora,flexlora,fedit-trunc,"
+    "flora,ffa-lora,paper-baseline,haflq-full"
+)
+
+# Run config shared by every arm, per task (the arms add their own overrides).
+COMMON = {
+    "data.partitioner": "dirichlet",
+    "data.dirichlet-alpha": 0.5,
+    "model.head-init": "label-words",
+    "train.head-learning-rate": 0.0,
+    "train.local-steps": 8,
+    "eval.split": "test",
+}
+TASKS: dict[str, dict] = {
+    "rotten-tomatoes": {
+        "rounds": 6,
+        "config": {
+            "model.label-words": "negative,positive",
+            "data.template": "Review: {text}\nSentiment (positive or negative):",
+            "data.validation-per-class": 150,
+            "data.test-per-class": 300,
+        },
+    },
+    "20newsgroups": {
+        "rounds": 6,
+        "config": {
+            # one word per newsgroup, in label order (alt.atheism ... talk.religion.misc);
+            # their first tokens differ (checked at load time)
+            "model.label-words": (
+                "atheism,graphics,windows,ibm,mac,x,sale,cars,motorcycles,baseball,hockey,"
+                "encryption,electronics,medicine,space,christianity,guns,israel,politics,"
+                "religion"
+            ),
+            "data.template": "{text}\nTopic:",
+            "model.max-length": 128,
+            "data.validation-per-class": 20,
+            "data.test-per-class": 40,
+        },
+    },
+}
 
 
-def defaults(budgets: str) -> list[str]:
+def defaults(task: str, budgets: str) -> list[str]:
+    preset = TASKS[task]
+    config = {
+        **COMMON,
+        **preset["config"],
+        "data.name": task,
+        "tiers.memory-mb": budgets,
+    }
     return [
         "--arms",
         ARMS,
         "--rounds",
-        "3",
+        str(preset["rounds"]),
         "--num-supernodes",
-        "10",
-        "--target",
-        "0.55",
+        "6",
+        "--reference",
+        "haflq",
         "--claims",
         "haflq-full:paper-baseline",
         "--run-config",
-        'data.partitioner="dirichlet" data.dirichlet-alpha=0.5 train.local-steps=4 '
-        f'data.test-per-class=100 payload.downlink-bits=32 tiers.memory-mb="{budgets}"',
+        compare.config_string(config),
     ]
 
 
@@ -60,7 +112,14 @@ def model_name(argv: list[str]) -> str:
     return str(overrides.get("model.name", "smollm2-135m"))
 
 
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    parser.add_argument("--task", choices=sorted(TASKS), default="rotten-tomatoes")
+    args, rest = parser.parse_known_args(argv)
+    budgets = memory_mb(model_name(rest))
+    print(f"[head_to_head] task {args.task}; tiers.memory-mb = {budgets}", flush=True)
+    return compare.main(defaults(args.task, budgets) + rest)
+
+
 if __name__ == "__main__":
-    budgets = memory_mb(model_name(sys.argv[1:]))
-    print(f"[head_to_head] tiers.memory-mb = {budgets}", flush=True)
-    sys.exit(compare.main(defaults(budgets) + sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
