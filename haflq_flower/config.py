@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ UPLINKS = ("auto", "adaptive", "fp16", "fp32")
 DOWNLINK_BITS = (8, 16, 32)
 HEAD_INITS = ("random", "label-words")
 EVAL_SPLITS = ("test", "validation")
-BLOCK_PRECISIONS = ("off", "uniform-4", "uniform-8", "uniform-16", "salience", "random")
+BLOCK_PRECISIONS = ("off", "uniform-4", "uniform-8", "uniform-16", "salience", "random", "auto")
 
 
 class ConfigError(ValueError):
@@ -532,5 +532,27 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         resume=resume,
         dropout=dropout,
     )
+    if run_config.strategy.blocks.precision == "auto":
+        run_config = resolve_auto_blocks(run_config, any(m > 0 for m in memory))
     _strategy_class(strategy_name).check_run_config(run_config)
     return run_config
+
+
+def resolve_auto_blocks(cfg: RunConfig, has_budgets: bool) -> RunConfig:
+    """``blocks.precision="auto"``: ``salience`` when the tiers have weight budgets
+    (``tiers.memory-mb``) and the strategy assigns per-client block precision (haflq,
+    hetlora and their subclasses), else ``off`` (``model.quantization`` for the whole
+    base), so that e.g. ``strategy.name="fedit"`` alone is a valid run config."""
+
+    def with_precision(precision: str) -> RunConfig:
+        blocks = replace(cfg.strategy.blocks, precision=precision)
+        return replace(cfg, strategy=replace(cfg.strategy, blocks=blocks))
+
+    if has_budgets:
+        candidate = with_precision("salience")
+        try:
+            _strategy_class(cfg.strategy.name).check_run_config(candidate)
+            return candidate
+        except ConfigError:
+            pass
+    return with_precision("off")

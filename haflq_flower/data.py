@@ -20,6 +20,7 @@ from __future__ import annotations
 import bz2
 import functools
 import importlib.metadata
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,15 +216,38 @@ def apply_template(frame: pd.DataFrame, template: str) -> pd.DataFrame:
     return out
 
 
+# What to change when the clients' partitions cannot be drawn (start-up errors).
+_PARTITION_FIX = (
+    "Use fewer clients (--num-supernodes of the launcher, num-supernodes of the "
+    "federation), more data (data.max-train-examples=0 keeps every row), or"
+)
+# flwr-datasets' DirichletPartitioner redraws this many times for a non-empty partition.
+DIRICHLET_ATTEMPTS = 10
+
+
 def partition_indices(
     labels: np.ndarray, num_partitions: int, partitioner: str, alpha: float, seed: int
 ) -> list[np.ndarray]:
-    """Row indices of every client's partition (flwr-datasets partitioners, seeded)."""
+    """Row indices of every client's partition (flwr-datasets partitioners, seeded).
+
+    Raises
+    ------
+    DataLoadError
+        When the split cannot give every partition at least one row: more partitions
+        than rows, or a Dirichlet split that flwr-datasets cannot draw (it gives up after
+        10 attempts, e.g. 1,000 partitions of 12.5k rows at alpha 0.5). The message names
+        the run-config keys and what to change.
+    """
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     if num_partitions < 1:
         raise DataLoadError(f"num_partitions must be >= 1, got {num_partitions}")
+    if num_partitions > len(labels):
+        raise DataLoadError(
+            f"{num_partitions} client partitions of {len(labels)} training rows leave some "
+            f"clients without data. {_PARTITION_FIX} at most {len(labels)} clients."
+        )
     dataset = Dataset.from_dict({"label": labels.tolist(), "row": list(range(len(labels)))})
     if partitioner == "iid":
         part = IidPartitioner(num_partitions=num_partitions)
@@ -238,9 +262,39 @@ def partition_indices(
             seed=seed,
         )
     part.dataset = dataset
-    return [
-        np.asarray(part.load_partition(pid)["row"], dtype=np.int64) for pid in range(num_partitions)
-    ]
+    try:
+        with warnings.catch_warnings():
+            # one multi-kilobyte UserWarning per failed Dirichlet draw; the error says it all
+            warnings.filterwarnings("ignore", category=UserWarning, module="flwr_datasets")
+            parts = [
+                np.asarray(part.load_partition(pid)["row"], dtype=np.int64)
+                for pid in range(num_partitions)
+            ]
+    except ValueError as err:  # DirichletPartitioner: "max number of attempts ... reached"
+        if partitioner == "iid":
+            raise
+        raise DataLoadError(
+            f"data.partitioner='dirichlet' could not draw {num_partitions} non-empty "
+            f"partitions of {len(labels)} rows with data.dirichlet-alpha={alpha} and seed "
+            f"{seed} ({DIRICHLET_ATTEMPTS} attempts; about {len(labels) / num_partitions:.1f} "
+            f"rows per client). {_PARTITION_FIX} a larger data.dirichlet-alpha (less skew), "
+            f"or data.partitioner='iid'. flwr-datasets said: {err}"
+        ) from err
+    empty = [pid for pid, rows in enumerate(parts) if len(rows) == 0]
+    if empty:
+        raise DataLoadError(
+            f"data.partitioner={partitioner!r} left {len(empty)} of {num_partitions} "
+            f"partitions empty (e.g. partition {empty[0]}). {_PARTITION_FIX} "
+            "data.partitioner='iid'."
+        )
+    return parts
+
+
+def check_partitions(cfg: DataConfig, num_partitions: int) -> list[int]:
+    """Draw the clients' partitions as every client will (same seed, same rows) and
+    return their sizes; raises :class:`DataLoadError` with the keys to change when
+    they cannot be drawn. Called at start-up, before any client trains."""
+    return [len(rows) for rows in _partition_rows(cfg, num_partitions)]
 
 
 def client_partition(cfg: DataConfig, partition_id: int, num_partitions: int) -> pd.DataFrame:

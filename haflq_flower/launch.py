@@ -9,12 +9,19 @@ re-installs the app's dependencies for every run. This launcher instead:
    dependency installation disabled (the app runs in this environment);
 3. calls ``flwr run <app> haflq --stream`` with the federation and run config given;
 4. asks the SuperLink for the run's final status (``flwr run --stream`` exits 0 even when
-   the run failed) and exits non-zero unless the run completed;
-5. stops the SuperLink by PID.
+   the run failed) and exits non-zero unless the run completed *and* applied at least one
+   update (``final.status`` in results.json);
+5. stops the SuperLink by PID, prints the run's report and the directory that holds
+   the results.
+
+Before any of this it parses the run config as the apps will (a wrong value stops it at
+once) and draws the clients' data partitions (too many partitions for the data, or a
+Dirichlet split that cannot be drawn, stop it with the keys to change). The streamed log
+goes through :class:`~haflq_flower.logs.NoiseFilter` (third-party notices explained once).
 
 Usage::
 
-    python -m haflq_flower.launch --num-supernodes 4 --run-config "num-server-rounds=3"
+    python -m haflq_flower.launch --num-supernodes 6 --run-config "num-server-rounds=3"
 """
 
 from __future__ import annotations
@@ -34,8 +41,16 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from .logs import NoiseFilter
 
 CONNECTION = "haflq"
+DEFAULT_SUPERNODES = 6
+
+
+class LaunchError(ValueError):
+    """The launcher's arguments cannot give a run; the message says what to change."""
 
 
 def free_port() -> int:
@@ -67,6 +82,10 @@ class SuperLink:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        """Stop the SuperLink's process group and every process it started: the
+        SuperExec and ``flwr-simulation`` (with Ray) run in sessions of their own, and an
+        interrupted run would leave them behind."""
+        children = _descendants(self.process.pid)
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -74,6 +93,38 @@ class SuperLink:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
+        _terminate(children)
+
+
+def _descendants(pid: int) -> list:
+    """The processes started (directly or not) by ``pid``, as psutil handles."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:  # psutil missing or the process already gone
+        return []
+
+
+def _terminate(processes: list, timeout: float = 10.0) -> None:
+    """SIGTERM the given processes that still run, then SIGKILL what is left."""
+    if not processes:
+        return
+    import psutil
+
+    alive = []
+    for proc in processes:
+        try:
+            proc.terminate()
+            alive.append(proc)
+        except psutil.Error:
+            pass
+    _, left = psutil.wait_procs(alive, timeout=timeout)
+    for proc in left:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
@@ -185,8 +236,10 @@ def stream_run(
     run_id = None
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
+    noise = NoiseFilter()
     for line in proc.stdout:
-        sys.stdout.write(line)
+        for out in noise.feed(line):
+            sys.stdout.write(out)
         match = re.search(r"Successfully started run (\d+)", line)
         if match:
             run_id = int(match.group(1))
@@ -231,10 +284,108 @@ def run_app(
         link.stop()
 
 
+def given_run_config(items: list[str]) -> dict[str, Any]:
+    """The run-config overrides as Flower will parse them (``--run-config`` items)."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        return dict(parse_config_args(items))
+    except Exception as err:  # click.ClickException, tomli errors, ValueError
+        raise LaunchError(f"--run-config cannot be parsed: {err}") from err
+
+
+def resolve_output_dir(given: dict[str, Any], flag: str | None, default: Path) -> Path:
+    """The run directory: ``output.dir`` (or ``resume``) from the run config, else
+    ``--output-dir``, else ``default``; absolute.
+
+    Raises
+    ------
+    LaunchError
+        When ``output.dir`` is relative (the apps do not run in this directory: use
+        ``--output-dir``, which may be relative), or when it and ``--output-dir`` (or
+        ``resume``) name different directories.
+    """
+    candidates = {}
+    for key in ("output.dir", "resume"):
+        value = str(given.get(key) or "").strip()
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_absolute():
+                raise LaunchError(
+                    f"run config '{key}' must be an absolute path, got {value!r}; use "
+                    f"--output-dir {value} instead (the launcher makes it absolute)"
+                    if key == "output.dir"
+                    else f"run config 'resume' must be an absolute path, got {value!r}"
+                )
+            candidates[key] = path
+    if flag:
+        candidates["--output-dir"] = Path(flag).expanduser().resolve()
+    if len(set(candidates.values())) > 1:
+        named = ", ".join(f"{k}={v}" for k, v in candidates.items())
+        raise LaunchError(
+            f"the run directory is given more than once and differs ({named}); give it once, "
+            "with --output-dir (a resumed run writes into the directory it resumes)"
+        )
+    if candidates:
+        return next(iter(candidates.values()))
+    return default.expanduser().resolve()
+
+
+def preflight(given: dict[str, Any], num_supernodes: int) -> None:
+    """Check what would make every client fail, before a SuperLink starts: the run
+    config (as the apps parse it) and the clients' data partitions.
+
+    Raises
+    ------
+    LaunchError
+        With the key(s) and what to change.
+    """
+    from .config import ConfigError, parse_run_config
+    from .data import DataLoadError, check_partitions
+
+    try:
+        cfg = parse_run_config(given)
+    except ConfigError as err:
+        raise LaunchError(str(err)) from err
+    try:
+        check_partitions(cfg.data, num_supernodes)
+    except DataLoadError as err:
+        raise LaunchError(str(err)) from err
+
+
+def read_final(output_dir: Path) -> dict[str, Any] | None:
+    """``final`` of the run's results.json (``None`` if the run wrote none)."""
+    try:
+        return json.loads((output_dir / "results.json").read_text()).get("final")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def exit_code(flower_status: str, final: dict[str, Any] | None) -> tuple[int, str]:
+    """The launcher's exit code and a one-line verdict, from the SuperLink's run status
+    and results.json's ``final`` block: 0 only when the run completed, wrote its final
+    results and applied at least one update."""
+    from .report import STATUS_COMPLETED
+
+    if flower_status != "finished:completed":
+        return 1, f"the run ended with status '{flower_status}'"
+    if final is None:
+        return 1, "the run completed but wrote no final results (results.json has no 'final')"
+    status = final.get("status", STATUS_COMPLETED)
+    if status != STATUS_COMPLETED:
+        return 1, f"results.json says '{status}': {final.get('status_reason', '')}"
+    return 0, "completed"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--app", default=".", help="Flower app directory (default: .)")
-    parser.add_argument("--num-supernodes", type=int, default=4)
+    parser.add_argument(
+        "--num-supernodes",
+        type=int,
+        default=DEFAULT_SUPERNODES,
+        help=f"simulated clients (default: {DEFAULT_SUPERNODES}; partition ids fall in the tiers)",
+    )
     parser.add_argument(
         "--run-config",
         action="append",
@@ -244,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output-dir",
         default=None,
-        help="run outputs (default: ./outputs/run-<time>; made absolute)",
+        help="run outputs (default: ./outputs/run-<time>; made absolute; output.dir in "
+        "--run-config, which must be absolute, works too)",
     )
     parser.add_argument("--flwr-home", default=None, help="default: a fresh temporary dir")
     parser.add_argument("--client-cpus", type=int, default=2)
@@ -261,15 +413,30 @@ def main(argv: list[str] | None = None) -> int:
     if not (app_dir / "pyproject.toml").exists():
         print(f"error: {app_dir} is not a Flower app (no pyproject.toml)", file=sys.stderr)
         return 2
-    output_dir = Path(args.output_dir or Path("outputs") / time.strftime("run-%Y%m%d-%H%M%S"))
-    output_dir = output_dir.resolve()
-    run_config = [f'output.dir="{output_dir}"', *args.run_config]
+    if args.num_supernodes < 1:
+        print("error: --num-supernodes must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        given = given_run_config(args.run_config)
+        output_dir = resolve_output_dir(
+            given, args.output_dir, Path("outputs") / time.strftime("run-%Y%m%d-%H%M%S")
+        )
+        if not str(given.get("resume") or "").strip():
+            given["output.dir"] = str(output_dir)
+        preflight(given, args.num_supernodes)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_config = list(args.run_config)
+    if "output.dir" in given:  # last, so it is what the apps see
+        run_config.append(f"output.dir={json.dumps(str(output_dir))}")
     gpus = args.client_gpus
     if gpus is None:
         import torch
 
         gpus = 0.5 if torch.cuda.is_available() else 0.0
 
+    print(f"Results will be in {output_dir}", flush=True)
     own_home = args.flwr_home is None
     flwr_home = Path(args.flwr_home or tempfile.mkdtemp(prefix="haflq-flwr-home-")).resolve()
     start = time.perf_counter()
@@ -287,20 +454,22 @@ def main(argv: list[str] | None = None) -> int:
         if own_home:
             shutil.rmtree(flwr_home, ignore_errors=True)
     elapsed = time.perf_counter() - start
-    if status != "finished:completed":
-        print(
-            f"error: run {run_id} ended with status '{status}' after {elapsed:.0f}s",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"Run {run_id} completed in {elapsed:.0f}s. Outputs: {output_dir}")
-    results = output_dir / "results.json"
-    if results.exists():
-        final = json.loads(results.read_text()).get("final") or {}
-        print(
-            f"Final test accuracy {final.get('accuracy')}; uplink {final.get('bytes_up')} B; "
-            f"adapter: {final.get('adapter_dir')}"
-        )
+    final = read_final(output_dir)
+    code, verdict = exit_code(status, final)
+    report = output_dir / "report.md"
+    if report.exists():
+        print("\n" + report.read_text(), flush=True)
+    if code:
+        print(f"error: run {run_id}: {verdict} after {elapsed:.0f}s", file=sys.stderr)
+        where = "Partial results" if output_dir.exists() else "No results were written; expected"
+        print(f"{where}: {output_dir}", flush=True)
+        return code
+    print(
+        f"Run {run_id} completed in {elapsed:.0f}s: final test accuracy "
+        f"{final.get('accuracy')}, uplink {final.get('bytes_up')} B, adapter in "
+        f"{final.get('adapter_dir')}"
+    )
+    print(f"Results: {output_dir}", flush=True)
     return 0
 
 

@@ -32,6 +32,7 @@ from .predictions import load_or_new as load_or_new_predictions
 from .predictions import save as save_predictions
 from .quant.blocks import pattern_to_str
 from .quant.mixed import block_layout
+from .report import STATUS_COMPLETED, write_report
 from .results import RunRecorder, plot_results
 from .strategy import build_strategy
 from .train import EvalResult, evaluate_rows
@@ -147,20 +148,31 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         rank = save_expanded_adapter(model, final_state, merge, adapter_dir)
         log.info("Saved the merged stacks and the adapter as one rank-%d adapter", rank)
     tokenizer.save_pretrained(adapter_dir)
-    extra = {}
+    # what report.md needs to print the two lines that load the adapter
+    extra = {"base_model": _base_model_path(model), "num_labels": task.num_labels}
     if server_bits is not None:
         extra["accuracy_by_tier"] = _accuracy_by_tier(cfg, strategy, final_state, device, task)
     final = recorder.finish(str(adapter_dir), **extra)
     if cfg.plots:
         plot_results(recorder.data, cfg.output_dir)
+    report = write_report(recorder.data, cfg.output_dir)
     log.info(
-        "Finished: accuracy %.4f after %d rounds in %.1f s. Results: %s",
+        "Finished: accuracy %.4f after %d rounds in %.1f s. Results: %s (report: %s)",
         final["accuracy"],
         cfg.num_rounds,
         final["wall_s"],
         cfg.output_dir,
+        report.name,
     )
+    if final["status"] != STATUS_COMPLETED:
+        log.error("The run applied no update: %s", final["status_reason"])
     return final
+
+
+def _base_model_path(model) -> str | None:
+    """Where the adapter's base model loads from (PEFT's ``base_model_name_or_path``)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return getattr(config, "base_model_name_or_path", None)
 
 
 def _resume(cfg: RunConfig, model_state: dict):

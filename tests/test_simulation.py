@@ -14,6 +14,7 @@ from haflq_flower import launch
 from haflq_flower.client_app import make_client_app
 from haflq_flower.config import parse_run_config
 from haflq_flower.model import resolve_model_path
+from haflq_flower.report import tier_rows
 from haflq_flower.server_app import make_server_app
 
 from .conftest import TINY
@@ -146,6 +147,44 @@ def test_flwr_run_failure_gives_nonzero_exit(tmp_path, app_dir):
     assert code == 1
 
 
+def test_flwr_run_that_applies_no_update_exits_nonzero(tmp_path, app_dir, capsys):
+    """Every client fails every round (simulation.dropout=0.99, seeded): Flower reports
+    the run completed, but no update was ever applied, so results.json says so and the
+    launcher exits non-zero, printing where the results are."""
+    from haflq_flower.client_app import drops_out
+
+    assert all(drops_out(0, 1, p, 0.99) for p in (0, 1))
+    out = tmp_path / "run"
+    config = " ".join(
+        f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+        for k, v in {**TINY, "num-server-rounds": 1, "simulation.dropout": 0.99}.items()
+    )
+    code = launch.main(
+        [
+            "--app",
+            str(app_dir),
+            "--num-supernodes",
+            "2",
+            "--client-cpus",
+            "1",
+            "--flwr-home",
+            str(tmp_path / "flwr-home"),
+            "--run-config",
+            f'{config} output.dir="{out}"',  # output.dir from the run config is honoured
+            "--timeout",
+            "600",
+        ]
+    )
+    printed = capsys.readouterr()
+    assert code == 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["rounds"][1]["update"].startswith("skipped")
+    assert results["final"]["status"] == "no-update-applied"
+    assert results["final"]["rounds_applied"] == []
+    assert "no-update-applied" in printed.err and str(out) in printed.out
+    assert "**Status: no-update-applied**" in (out / "report.md").read_text()
+
+
 def test_in_process_simulation_with_salience_block_precision(tmp_path):
     """Three memory tiers: each client's base is built with its own bit pattern."""
     overrides = {
@@ -172,6 +211,21 @@ def test_in_process_simulation_with_salience_block_precision(tmp_path):
     by_tier_acc = results["final"]["accuracy_by_tier"]
     assert set(by_tier_acc) == {"low", "mid", "high"}
     assert all(0.0 <= a <= 1.0 for a in by_tier_acc.values())
+    # the report's per-tier numbers are the records' own
+    out = tmp_path / "run"
+    assert results["final"]["status"] == "completed"
+    rows = {t.tier: t for t in tier_rows(results)}
+    last = {c["tier"]: c for c in results["rounds"][-1]["clients"]}
+    for tier in ("low", "mid", "high"):
+        assert rows[tier].lora_rank == last[tier]["rank"]
+        assert rows[tier].block_bits == last[tier]["block_bits"]
+        assert rows[tier].weight_bytes == last[tier]["weight_bytes"]
+        assert rows[tier].accuracy_own_base == by_tier_acc[tier]
+    report = (out / "report.md").read_text()
+    assert f"Final test accuracy **{results['final']['accuracy']:.4f}**" in report
+    assert "PeftModel.from_pretrained(base, " in report
+    for png in ("accuracy.png", "memory.png", "uplink.png", "bits.png"):
+        assert (out / png).stat().st_size > 0
 
 
 def test_dropout_simulation_completes_and_records_what_happened(tmp_path):
