@@ -16,6 +16,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 # Device strings (error reasons, tiers) are cut to this many characters in logs/results.
 MAX_TEXT = 300
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def printable(text: object, limit: int = MAX_TEXT) -> str:
@@ -28,7 +29,9 @@ def printable(text: object, limit: int = MAX_TEXT) -> str:
     'oom\\\\nINFO haflq round 3: all good'
     """
     escaped = str(text).encode("ascii", "backslashreplace").decode("ascii")
-    escaped = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)
+    escaped = "".join(
+        c if c.isprintable() else _ESCAPES.get(c, f"\\x{ord(c):02x}") for c in escaped
+    )
     return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 

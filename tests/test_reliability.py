@@ -29,6 +29,7 @@ from haflq_flower.lora.state import (
     to_array_record,
 )
 from haflq_flower.strategy import FedIT, HAFLQStrategy
+from haflq_flower.untrusted import FLOAT32_MAX
 
 from .test_haflq_strategy import TIERS, FakeGrid, _global, _reply, _round
 
@@ -277,12 +278,15 @@ def _mutations(draw_int):
         )
 
     def poison(records):
-        bad = [np.nan, np.inf, -np.inf, 1e39][draw_int(0, 3)]
+        # float32 Inf/NaN, and float64 values beyond float32's range (1e39 would become
+        # Inf in a float32 cast), at float32's edge, or beyond float16's (the downlink)
+        bad = [np.nan, np.inf, -np.inf, 1e39, -1e300, 3.5e38, FLOAT32_MAX, 7e4][draw_int(0, 7)]
+        dtype = [np.float32, np.float64][draw_int(0, 1)]
 
         def change(items):
             out = []
             for k, v in items:
-                arr = _read(v).astype(np.float32)
+                arr = _read(v).astype(dtype)
                 if arr.size:
                     arr.flat[draw_int(0, arr.size - 1)] = bad
                 out.append((k, Array(arr)))
@@ -346,7 +350,16 @@ def _mutations(draw_int):
 
         records["selection"] = ArrayRecord(OrderedDict(change(list(records["selection"].items()))))
 
+    def huge_scores(records):
+        if "scores" not in records:
+            return
+        bad = [1e300, 1.7e308, 3e38, 1e30, np.inf][draw_int(0, 4)]
+        scores = {k: _read(v) for k, v in records["scores"].items()}
+        records["scores"] = to_array_record({k: np.full(v.shape, bad) for k, v in scores.items()})
+
     def junk_metrics(records):
+        # an empty string or list makes Flower's own ConfigRecord.count_bytes raise
+        records["notes"] = ConfigRecord({"empty": "", "none": []})
         if isinstance(records.get("metrics"), MetricRecord):
             metrics = dict(records["metrics"])
             metrics.update({"train-loss": float("inf"), "peak-mem-bytes": -1.0})
@@ -363,6 +376,7 @@ def _mutations(draw_int):
         corrupt_bytes,
         examples,
         bad_indices,
+        huge_scores,
         junk_metrics,
     ]
 
@@ -430,3 +444,65 @@ def test_fuzzed_haflq_replies_never_crash_or_leak(data, uplink):
         lambda msg, state: _reply(msg, 20, 0.5),
         data,
     )
+
+
+# Profile fields at and beyond their extremes: what a device may claim about itself.
+_EXTREME = st.sampled_from(
+    [0, 0.0, -0.0, 1e-300, 1e-100, 1e-3, 1.0, 8.0, 1e12, 1e15, 1e20, 1e308, 10**400, -1.0]
+    + [float("inf"), float("-inf"), float("nan"), True, "1e9", "x", [1.0], 2**63]
+)
+_PROFILE = st.fixed_dictionaries(
+    {},
+    optional={
+        "tier": st.one_of(st.text(max_size=80), st.sampled_from(["low", "a\nb", ""])),
+        "lora-rank": st.sampled_from([-1, 0, 1, 2, 8, 9, 2**31, 2**63 - 1, 10**30, 2.0, "4"]),
+        "distance-km": _EXTREME,
+        "uplink-bps": _EXTREME,
+        "memory-mb": _EXTREME,
+    },
+)
+
+
+class _ProfileGrid:
+    def __init__(self, records):
+        self.records = records
+
+    def get_node_ids(self):
+        return list(self.records)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from haflq_flower.strategy.haflq import PROFILE_KEY
+
+        out = []
+        for msg in messages:
+            try:
+                record = ConfigRecord(self.records[msg.metadata.dst_node_id])
+            except (TypeError, ValueError):  # not even a ConfigRecord: an empty profile
+                record = ConfigRecord()
+            out.append(Message(content=RecordDict({PROFILE_KEY: record}), reply_to=msg))
+        return out
+
+
+@FUZZ
+@given(p1=_PROFILE, p3=_PROFILE, uplink=st.sampled_from(["adaptive", "fp32"]))
+def test_fuzzed_profiles_never_crash_and_budgets_serialize(p1, p3, uplink):
+    """Profiles at the extremes: the round is configured (hostile fields give the default
+    profile or are capped), every budget is an int64 within [fixed part, largest payload],
+    and valid replies from those nodes aggregate to a finite state."""
+    from haflq_flower.quant.payload import fixed_payload_bytes
+
+    from .test_haflq_strategy import D_OUT
+
+    strategy = HAFLQStrategy(mode="truncate", uplink=uplink)
+    state, msgs = _round(strategy, _ProfileGrid({1: p1, 3: p3}))
+    fixed = fixed_payload_bytes({"score.weight": (2, D_OUT)})
+    for node, msg in msgs.items():
+        budget = msg.content["config"]["uplink-budget-bytes"]
+        assert isinstance(budget, int) and 0 <= budget < 2**63
+        assert uplink != "adaptive" or budget >= fixed
+        profile = strategy.profiles[node]
+        assert profile.uplink_bps <= strategy.max_uplink_bps
+        assert profile.memory_mb <= strategy.max_memory_mb
+    arrays, _ = strategy.aggregate_train(1, [_reply(msgs[1], 20, 0.5), _reply(msgs[3], 20, 0.5)])
+    assert strategy.stats[1].rejected == []
+    assert all(np.isfinite(v).all() for v in from_array_record(arrays).values())

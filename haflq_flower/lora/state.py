@@ -127,9 +127,28 @@ def from_array_record(record: ArrayRecord) -> LoraState:
 
 
 def record_dict_bytes(content: RecordDict) -> int:
-    """Bytes of a message's content as Flower serializes it (arrays, configs, metrics)."""
+    """Bytes of a message's content as Flower serializes it (arrays, configs, metrics).
+
+    Flower's ``count_bytes`` raises on an empty string or an empty list in a config or
+    metric record (flwr 1.42), which a device may send; such records are counted here
+    value by value instead, so counting never fails.
+    """
     total = 0
     for record in content.values():
         if isinstance(record, (ArrayRecord, ConfigRecord, MetricRecord)):
-            total += record.count_bytes()
+            try:
+                total += record.count_bytes()
+            except (ValueError, IndexError, TypeError):
+                total += sum(len(k) + _value_bytes(v) for k, v in record.items())
     return total
+
+
+def _value_bytes(value) -> int:
+    """What a config/metric value occupies: 1 per bool, 8 per number, 1 per character."""
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    if isinstance(value, bool):
+        return 1
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    return 8
