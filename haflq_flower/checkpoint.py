@@ -129,7 +129,32 @@ def save_checkpoint(
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(run_dir)  # the rename itself survives a power cut only once the dir is synced
     return path
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where directories
+    cannot be opened (Windows)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """``os.replace(tmp, path)`` that survives a crash or power cut: ``tmp``'s data is
+    fsynced first, the directory after the rename."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,9 @@ def _jsonable(value: Any) -> Any:
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_jsonable(data), indent=2))
-    os.replace(tmp, path)
+    from .checkpoint import replace_durably  # fsync the file, rename, fsync the directory
+
+    replace_durably(tmp, path)
 
 
 class RunRecorder:

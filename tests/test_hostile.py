@@ -464,3 +464,31 @@ def test_haflq_budget_for_a_huge_claimed_uplink_is_the_largest_payload():
     assert client.budget_bytes == largest and client.budget_note.startswith("capped")
     assert strategy.profiles[1].uplink_bps == 1e9
     assert client.channel_budget_bytes == int(1e9 * 3.0) // 8
+
+
+# ------------------------------------------------------------------ durability
+
+
+def test_results_and_checkpoint_are_fsynced_with_their_directory(tmp_path, monkeypatch):
+    """Old code: results.json was renamed without any fsync, and neither rename was made
+    durable by syncing the run directory."""
+    import os
+
+    from haflq_flower.checkpoint import save_checkpoint
+    from haflq_flower.results import write_json_atomic
+
+    from .test_haflq_strategy import _global
+
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    write_json_atomic(tmp_path / "results.json", {"rounds": []})
+    assert synced == [str(tmp_path / "results.json.tmp"), str(tmp_path)]
+    synced.clear()
+    save_checkpoint(tmp_path, 1, {}, _global(), ({}, {}), {}, 0.0)
+    assert synced == [str(tmp_path / "checkpoint.npz.tmp"), str(tmp_path)]
