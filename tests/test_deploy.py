@@ -5,6 +5,8 @@ process, so these tests take a few minutes."""
 import json
 from pathlib import Path
 
+import pytest
+
 from haflq_flower.deploy import COMPLETED, deploy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,3 +85,45 @@ def test_credentials_for_a_real_server(tmp_path):
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     public = (tmp_path / "keys" / "jetson-1.pub").read_text()
     assert public.startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_private_keys_are_0600_from_the_start(tmp_path, monkeypatch):
+    """Old code: keys were written with the default mode and chmod'ed afterwards (a window
+    in which others could read them). Here chmod is disabled and the umask opens
+    everything: the keys must still be 0600, i.e. created with that mode."""
+    import os
+    import stat
+
+    from haflq_flower.deploy import make_certificates, make_supernode_key
+
+    monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
+    old = os.umask(0)
+    try:
+        private, public = make_supernode_key(tmp_path / "keys", "node")
+        _, _, server_key = make_certificates(tmp_path / "certs")
+    finally:
+        os.umask(old)
+    for path in (private, server_key, tmp_path / "certs" / "ca.key"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # rewriting an existing key keeps it private, and a symlink in its place is refused
+    make_supernode_key(tmp_path / "keys", "node")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    (tmp_path / "keys" / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        make_supernode_key(tmp_path / "keys", "link")
+
+
+def test_the_control_api_is_never_exposed_without_protection(tmp_path):
+    from haflq_flower.deploy import check_bind_host, fleet_proxy_config, main
+
+    check_bind_host("127.0.0.1")
+    with pytest.raises(ValueError, match="Control API"):
+        check_bind_host("0.0.0.0")
+    check_bind_host("10.0.0.5", control_protected=True)
+    conf = fleet_proxy_config("fl.example.org", 9093, 9092, tmp_path)
+    forwarded = [line.split()[1] for line in conf.splitlines() if "location" in line]
+    assert forwarded == ["/v1/fleet/", "=", "/"]  # fleet, exact /health, everything else
+    assert conf.count("proxy_pass https://127.0.0.1:9092") == 2
+    assert "return 403" in conf and "/v1/control" not in conf.split("location / {")[0]
+    assert main(["--make-credentials", str(tmp_path / "c"), "--host", "fl.example.org"]) == 0
+    assert "listen 9093 ssl" in (tmp_path / "c" / "fleet-proxy.nginx.conf").read_text()
