@@ -377,6 +377,10 @@ def exit_code(flower_status: str, final: dict[str, Any] | None) -> tuple[int, st
     return 0, "completed"
 
 
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--app", default=".", help="Flower app directory (default: .)")
@@ -436,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
 
         gpus = 0.5 if torch.cuda.is_available() else 0.0
 
+    # `kill <launcher>` (SIGTERM) unwinds like Ctrl-C: the SuperLink and everything it
+    # started are stopped by the finally blocks below
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
     print(f"Results will be in {output_dir}", flush=True)
     own_home = args.flwr_home is None
     flwr_home = Path(args.flwr_home or tempfile.mkdtemp(prefix="haflq-flwr-home-")).resolve()
@@ -451,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             args.timeout,
         )
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if own_home:
             shutil.rmtree(flwr_home, ignore_errors=True)
     elapsed = time.perf_counter() - start

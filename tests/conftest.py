@@ -35,6 +35,7 @@ TINY = {
     # default is HAFLQ on a Dirichlet split (pyproject.toml)
     "strategy.name": "fedit",
     "data.partitioner": "iid",
+    "train.head-learning-rate": 2e-3,
     "data.test-per-class": 20,
     "data.max-train-examples": 400,
     "train.local-steps": 3,
