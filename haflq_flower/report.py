@@ -408,9 +408,18 @@ def render_report(results: Mapping[str, Any], run_dir: str | Path) -> str:
     lines += ["", "## The adapter", ""]
     if adapter:
         base = str(final.get("base_model") or "<base model directory or hub id>")
+        blocks = any(t.block_bits for t in tiers)
+        quant = str(config.get("model.quantization", "none"))
+        measured = (
+            "the server measured the test accuracy above on the 16-bit base"
+            if blocks or quant == "none"
+            else f"the server measured the test accuracy above with the base in {quant}; "
+            "pass `quantization_config=BitsAndBytesConfig(...)` to `from_pretrained` for "
+            "the same base"
+        )
         lines += [
-            f"A standard PEFT adapter with the trained head, in `{adapter}`. Load it on the "
-            "16-bit base (where the test accuracy above was measured):",
+            f"A standard PEFT adapter with the trained head, in `{adapter}`. These lines load "
+            f"it on the unquantized base ({measured}):",
             "",
             "```python",
             *adapter_lines(base, str(adapter), int(final.get("num_labels") or 2)),
