@@ -14,14 +14,16 @@ import numpy as np
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-# Device strings (error reasons, tiers) are cut to this many characters in logs/results.
-MAX_TEXT = 300
+# Device strings (error reasons, tiers) are cut to this many characters in logs/results
+# (their start and their end are kept).
+MAX_TEXT = 1000
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def printable(text: object, limit: int = MAX_TEXT) -> str:
     """``text`` as one safe log line: control characters and non-ASCII escaped
-    (``\\n`` stays two characters, so a device cannot forge log lines), cut to ``limit``.
+    (``\\n`` stays two characters, so a device cannot forge log lines), cut to ``limit``
+    characters by dropping the middle.
 
     Examples
     --------
@@ -32,7 +34,10 @@ def printable(text: object, limit: int = MAX_TEXT) -> str:
     escaped = "".join(
         c if c.isprintable() else _ESCAPES.get(c, f"\\x{ord(c):02x}") for c in escaped
     )
-    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
+    if len(escaped) <= limit:
+        return escaped
+    head = limit // 3  # the start says where, the end (an exception's message) says what
+    return escaped[:head] + " ... " + escaped[len(escaped) - (limit - head - 5) :]
 
 
 def within(array: np.ndarray, limit: float) -> bool:

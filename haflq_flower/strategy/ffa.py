@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from ..lora.aggregate import aggregate_ffa
 from ..lora.components import A_SUFFIX
 from ..lora.state import LoraState, check_state, from_array_record
-from .base import ARRAYS_KEY, CONFIG_KEY, ClientRoundStats, ClientUpdate, ReplyError
+from .base import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    ClientRoundStats,
+    ClientUpdate,
+    ReplyError,
+    check_record_bytes,
+    state_record_limit,
+)
 from .fedit import FedIT
 
 FREEZE_A = "freeze-a"
@@ -32,9 +41,12 @@ class FFALoRA(FedIT):
     def decode_reply(self, node_id: int, content: RecordDict, stats: ClientRoundStats):
         if ARRAYS_KEY not in content.array_records:
             raise ReplyError(f"reply lacks the '{ARRAYS_KEY}' record")
-        state = from_array_record(content.array_records[ARRAYS_KEY])
-        check_state(trainable_part(self._global), state)
-        return state
+        expected = trainable_part(self._global)
+        record = content.array_records[ARRAYS_KEY]
+        check_record_bytes(record, state_record_limit(expected), ARRAYS_KEY)
+        state = from_array_record(record)
+        check_state(expected, state, self.value_limit())
+        return OrderedDict((k, v.astype(np.float32)) for k, v in state.items())
 
     def aggregate(
         self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
