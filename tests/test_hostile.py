@@ -492,3 +492,38 @@ def test_results_and_checkpoint_are_fsynced_with_their_directory(tmp_path, monke
     synced.clear()
     save_checkpoint(tmp_path, 1, {}, _global(), ({}, {}), {}, 0.0)
     assert synced == [str(tmp_path / "checkpoint.npz.tmp"), str(tmp_path)]
+
+
+def test_federated_evaluation_counts_one_in_range_reply_per_asked_node():
+    """Old code: any evaluate reply counted, from any node, as often as it came, and a
+    loss of 1e308 times its examples made the round's loss Inf."""
+    from .test_reliability import NodesGrid
+
+    strategy = FedIT(fraction_evaluate=1.0)
+    state, _ = _fedit_round(strategy, nodes=(1, 3))
+    msgs = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_evaluate(
+            1, to_array_record(state), ConfigRecord(), NodesGrid((1, 3))
+        )
+    }
+
+    def reply(to, n, acc, loss):
+        metrics = MetricRecord({"num-examples": n, "accuracy": acc, "loss": loss})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=to)
+
+    stranger = Message(
+        content=RecordDict({"config": ConfigRecord()}),
+        dst_node_id=2,
+        message_type=MessageType.EVALUATE,
+    )
+    replies = [
+        reply(msgs[1], 10, 0.5, 1e308),  # loss out of range: counted as 0
+        reply(msgs[3], 30, 1.0, 0.2),
+        reply(stranger, 10**6, 0.0, 9.0),  # node 2 was not asked
+    ]
+    out = strategy.aggregate_evaluate(1, replies)
+    assert out["num-examples"] == 40 and out["accuracy"] == pytest.approx(35 / 40)
+    assert out["loss"] == pytest.approx(30 * 0.2 / 40)
+    twice = strategy.aggregate_evaluate(1, [*replies, reply(msgs[3], 30, 0.0, 0.2)])
+    assert twice["num-examples"] == 10  # node 3 answered twice: neither counts

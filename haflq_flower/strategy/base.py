@@ -201,6 +201,7 @@ class LoRAStrategy(Strategy):
         # grid pushes them): a reply must answer one of these.
         self._round = 0
         self._sent: dict[int, Message] = {}
+        self._eval_nodes: set[int] = set()
 
     # ------------------------------------------------------------------ hooks
     @classmethod
@@ -616,6 +617,7 @@ class LoRAStrategy(Strategy):
             }
         )
         nodes = self._sample(grid, server_round, self.fraction_evaluate, 1)
+        self._eval_nodes = set(nodes)
         return [
             Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE)
             for n in nodes
@@ -624,17 +626,30 @@ class LoRAStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Example-weighted accuracy and loss of the nodes' local evaluations. Only one
+        ``evaluate`` reply per node asked this round counts; counts, accuracies and losses
+        out of range ([1, max_examples], [0, 1], [0, 3.4e38]) are ignored."""
         total, acc, loss = 0, 0.0, 0.0
+        replies = [m for m in replies if not m.has_error()]
+        senders = [m.metadata.src_node_id for m in replies]
+        asked = self._eval_nodes
         for msg in replies:
-            if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
+            node = msg.metadata.src_node_id
+            if (
+                node not in asked
+                or senders.count(node) > 1
+                or msg.metadata.message_type != MessageType.EVALUATE
+                or METRICS_KEY not in msg.content.metric_records
+            ):
                 continue
             m = dict(msg.content.metric_records[METRICS_KEY])
             n = _number(m, NUM_EXAMPLES, int, 0)
             accuracy = _number(m, "accuracy", float, -1.0)
+            node_loss = _number(m, "loss", float, 0.0)
             if 0 < n <= self.max_examples and 0.0 <= accuracy <= 1.0:
                 total += n
                 acc += n * accuracy
-                loss += n * _number(m, "loss", float, 0.0)
+                loss += n * (node_loss if 0.0 <= node_loss <= FLOAT32_MAX else 0.0)
         if total == 0:
             return None
         return MetricRecord({"accuracy": acc / total, "loss": loss / total, NUM_EXAMPLES: total})
