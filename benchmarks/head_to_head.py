@@ -19,7 +19,8 @@ after checking that ``bound-high`` and ``bound-low`` are decided apart.
         --arms haflq,bound-high,bound-low,paper-baseline --seeds 0,1
 
 Every argument after the preset goes to ``haflq_flower.compare`` and wins (e.g.
-``--parallel 12 --client-gpus 0.25`` on one GPU: ``benchmarks/gpu_grid.sh``).
+``--parallel 6 --client-gpus 1`` per task on one GPU, both tasks at once:
+``benchmarks/gpu_grid.sh``).
 20 Newsgroups needs ``make install-20newsgroups`` first.
 """
 

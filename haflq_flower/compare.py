@@ -202,8 +202,12 @@ def run_grid(
             )
         _report(run_dir, code)
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        list(pool.map(run_one, jobs))
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    try:
+        for future in [pool.submit(run_one, job) for job in jobs]:
+            future.result()
+    finally:  # on Ctrl-C or a deadline: start no queued arm (running ones stop with us)
+        pool.shutdown(wait=True, cancel_futures=True)
     return dirs
 
 
