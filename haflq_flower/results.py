@@ -249,9 +249,14 @@ def _plot_memory(plt, results: dict, tiers: list, path: Path) -> Path:
     for x, w in zip(xs, weights, strict=True):
         ax1.annotate(f"{w:.1f}", (x, w), ha="center", va="bottom", fontsize=8)
     ax1.set_ylabel("base model weights (MiB)")
-    ax1.set_title("base precision: weights against the budget")
+    ax1.set_title(
+        "base precision: weights against the budget"
+        if shown
+        else "base weights (no tiers.memory-mb: no budget)"
+    )
     ax1.set_ylim(0, 1.2 * max([*weights, *(b for _, b in shown)], default=1) or 1)
-    ax1.legend(loc="upper left", fontsize=8)
+    if shown:
+        ax1.legend(loc="upper left", fontsize=8)
     peaks = [t.peak_mem_bytes / 1e6 for t in tiers]
     ax2.bar(xs, peaks, color=[colors[n] for n in names])
     for x, p in zip(xs, peaks, strict=True):
