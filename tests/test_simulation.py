@@ -139,7 +139,9 @@ def test_flwr_run_failure_gives_nonzero_exit(tmp_path, app_dir):
             "--output-dir",
             str(tmp_path / "run"),
             "--run-config",
-            "model.name='tiny' model.quantization='3bit'",
+            # a model that exists nowhere (hub offline in tests): the launcher's start-up
+            # checks pass, the apps fail at run time
+            "model.name='no-such-org/no-such-model'",
             "--timeout",
             "300",
         ]
