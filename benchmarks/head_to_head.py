@@ -6,7 +6,8 @@ model answers with a label word through its own LM head (``model.head-init=label
 behind a prompt, head frozen with ``train.head-learning-rate=0``), so every accuracy
 difference comes from the LoRA factors and their aggregation. 6 clients (two per tier,
 r_k = 2, 4, 8 of R = 8), Dirichlet(0.5) label skew, a validation split held out of
-training (learning rates and rounds were chosen on it, never on the test split), the
+training (learning rates and rounds are to be chosen on it, never on the test split: the
+6 rounds x 8 steps below are the regime pilot's starting point, not yet confirmed), the
 server's final evaluation on the test split with every row's prediction saved, so that
 ``compare`` can decide each "HAFLQ vs X" with McNemar's exact test (Holm over the arms),
 after checking that ``bound-high`` and ``bound-low`` are decided apart.

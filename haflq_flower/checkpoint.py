@@ -11,7 +11,6 @@ document are stored: loading never unpickles anything.
 from __future__ import annotations
 
 import json
-import os
 import random
 import zipfile
 from collections import OrderedDict
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .durable import write_npz_durably
 from .results import _jsonable
 
 CHECKPOINT_NAME = "checkpoint.npz"
@@ -122,39 +122,7 @@ def save_checkpoint(
     }
     arrays.update({_GLOBAL + k: np.asarray(v) for k, v in global_state.items()})
     arrays.update({_STRATEGY + k: np.asarray(v) for k, v in strategy_arrays.items()})
-    path = run_dir / CHECKPOINT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(run_dir)  # the rename itself survives a power cut only once the dir is synced
-    return path
-
-
-def fsync_dir(directory: Path) -> None:
-    """Flush a directory's entries (a rename into it) to disk; a no-op where directories
-    cannot be opened (Windows)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_durably(tmp: Path, path: Path) -> None:
-    """``os.replace(tmp, path)`` that survives a crash or power cut: ``tmp``'s data is
-    fsynced first, the directory after the rename."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(Path(path).parent)
+    return write_npz_durably(run_dir / CHECKPOINT_NAME, arrays)
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:

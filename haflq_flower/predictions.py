@@ -10,12 +10,13 @@ it had.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .durable import write_npz_durably
 
 FILENAME = "predictions.npz"
 _ROUND = re.compile(r"round_(\d+)")
@@ -56,17 +57,10 @@ class Predictions:
 
 
 def save(run_dir: Path, predictions: Predictions) -> Path:
-    """Write ``predictions.npz`` atomically (tmp file, fsync, rename)."""
-    path = Path(run_dir) / FILENAME
+    """Write ``predictions.npz`` atomically and durably."""
     arrays = {"labels": predictions.labels, "split": np.array(predictions.split)}
     arrays.update({f"round_{r}": p for r, p in sorted(predictions.rounds.items())})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_npz_durably(Path(run_dir) / FILENAME, arrays)
 
 
 def load(run_dir: Path) -> Predictions:

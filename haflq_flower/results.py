@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .durable import replace_durably
 from .report import (
     WIDTHS,
     client_rows,
@@ -38,9 +39,7 @@ def _jsonable(value: Any) -> Any:
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_jsonable(data), indent=2))
-    from .checkpoint import replace_durably  # fsync the file, rename, fsync the directory
-
-    replace_durably(tmp, path)
+    replace_durably(tmp, path)  # fsync the file, rename, fsync the directory
 
 
 class RunRecorder:
@@ -227,6 +226,20 @@ def _plot_accuracy(plt, results: dict, path: Path) -> Path:
     return _save(plt, fig, path)
 
 
+def _budget_lines(ax, points: list[tuple[int, float]], label: str) -> None:
+    """A red budget line across each bar ``x`` at height ``value``, for (x, value) pairs."""
+    if points:
+        ax.hlines(
+            [v for _, v in points],
+            [x - 0.4 for x, _ in points],
+            [x + 0.4 for x, _ in points],
+            colors="C3",
+            linewidths=3,
+            label=label,
+            zorder=3,
+        )
+
+
 def _plot_memory(plt, results: dict, tiers: list, path: Path) -> Path:
     names = [t.tier for t in tiers]
     colors = _tier_colors(names)
@@ -236,16 +249,7 @@ def _plot_memory(plt, results: dict, tiers: list, path: Path) -> Path:
     ax1.bar(xs, weights, color=[colors[n] for n in names], label="base weights (measured)")
     budgets = [t.weight_budget_bytes for t in tiers]
     shown = [(x, b / 2**20) for x, b in zip(xs, budgets, strict=True) if b is not None]
-    if shown:
-        ax1.hlines(
-            [b for _, b in shown],
-            [x - 0.4 for x, _ in shown],
-            [x + 0.4 for x, _ in shown],
-            colors="C3",
-            linewidths=3,
-            label="weight budget (tiers.memory-mb)",
-            zorder=3,
-        )
+    _budget_lines(ax1, shown, "weight budget (tiers.memory-mb)")
     for x, w in zip(xs, weights, strict=True):
         ax1.annotate(f"{w:.1f}", (x, w), ha="center", va="bottom", fontsize=8)
     ax1.set_ylabel("base model weights (MiB)")
@@ -291,16 +295,7 @@ def _plot_uplink(plt, results: dict, clients: list, path: Path) -> Path:
             label="budgeted payload (LoRA deltas + head)",
             zorder=4,
         )
-    if budget:
-        ax.hlines(
-            [b for _, b in budget],
-            [x - 0.4 for x, _ in budget],
-            [x + 0.4 for x, _ in budget],
-            colors="C3",
-            linewidths=3,
-            label="channel budget per round",
-            zorder=3,
-        )
+    _budget_lines(ax, budget, "channel budget per round")
     if budget or payload:
         ax.legend(loc="upper left", fontsize=8)
     top = max([*sent, *(b for _, b in budget)], default=1)

@@ -212,27 +212,10 @@ class EvalResult:
 
 
 def evaluate(
-    model: torch.nn.Module,
-    tokenizer,
-    frame: pd.DataFrame,
-    *,
-    batch_size: int,
-    max_length: int,
-    compute_dtype: str,
-    device: torch.device,
-    desc: str = "eval",
+    model: torch.nn.Module, tokenizer, frame: pd.DataFrame, **kwargs
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over ``frame``."""
-    result = evaluate_rows(
-        model,
-        tokenizer,
-        frame,
-        batch_size=batch_size,
-        max_length=max_length,
-        compute_dtype=compute_dtype,
-        device=device,
-        desc=desc,
-    )
+    """Mean cross-entropy and accuracy over ``frame`` (keywords: :func:`evaluate_rows`)."""
+    result = evaluate_rows(model, tokenizer, frame, **kwargs)
     return result.loss, result.accuracy
 
 

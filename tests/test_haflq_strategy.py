@@ -330,3 +330,24 @@ def test_eight_bit_downlink_decodes_close_to_the_global(mode):
     half = from_array_record(msgs16[1].content.array_records["arrays"])
     lora16 = sum(v.nbytes for k, v in half.items() if "lora_" in k)
     assert 2 * record_to_arrays(record)["code.8"].nbytes == lora16
+
+
+class RawProfileGrid:
+    """Answers profile queries with raw (possibly hostile) config records."""
+
+    def __init__(self, records: dict[int, dict]):
+        self.records = records
+
+    def get_node_ids(self):
+        return list(self.records)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for msg in messages:
+            assert msg.metadata.message_type == PROFILE_QUERY
+            try:
+                rec = ConfigRecord(self.records[msg.metadata.dst_node_id])
+            except (TypeError, ValueError):  # not even a ConfigRecord: an empty profile
+                rec = ConfigRecord()
+            out.append(Message(content=RecordDict({PROFILE_KEY: rec}), reply_to=msg))
+        return out

@@ -26,31 +26,13 @@ from haflq_flower.quant.payload import (
     record_bytes,
 )
 from haflq_flower.strategy import FedIT, HAFLQStrategy
-from haflq_flower.strategy.haflq import PROFILE_KEY, PROFILE_QUERY, SCORES_KEY
+from haflq_flower.strategy.haflq import SCORES_KEY
 from haflq_flower.untrusted import FLOAT32_MAX, printable, within
 
-from .test_haflq_strategy import D_IN, D_OUT, TIERS, FakeGrid, _reply, _round
+from .test_haflq_strategy import D_IN, D_OUT, TIERS, FakeGrid, RawProfileGrid, _reply, _round
 from .test_reliability import _fedit_reply, _fedit_round
 
 INT64_MAX = 2**63 - 1
-
-
-class RawProfileGrid:
-    """Answers profile queries with raw (possibly hostile) config records."""
-
-    def __init__(self, records: dict[int, dict]):
-        self.records = records
-
-    def get_node_ids(self):
-        return list(self.records)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for msg in messages:
-            assert msg.metadata.message_type == PROFILE_QUERY
-            rec = ConfigRecord(self.records[msg.metadata.dst_node_id])
-            out.append(Message(content=RecordDict({PROFILE_KEY: rec}), reply_to=msg))
-        return out
 
 
 # ------------------------------------------------------------------ profiles

@@ -31,7 +31,7 @@ from haflq_flower.lora.state import (
 from haflq_flower.strategy import FedIT, HAFLQStrategy
 from haflq_flower.untrusted import FLOAT32_MAX
 
-from .test_haflq_strategy import TIERS, FakeGrid, _global, _reply, _round
+from .test_haflq_strategy import TIERS, FakeGrid, RawProfileGrid, _global, _reply, _round
 
 # ---------------------------------------------------------------- checkpoints
 
@@ -463,26 +463,6 @@ _PROFILE = st.fixed_dictionaries(
 )
 
 
-class _ProfileGrid:
-    def __init__(self, records):
-        self.records = records
-
-    def get_node_ids(self):
-        return list(self.records)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from haflq_flower.strategy.haflq import PROFILE_KEY
-
-        out = []
-        for msg in messages:
-            try:
-                record = ConfigRecord(self.records[msg.metadata.dst_node_id])
-            except (TypeError, ValueError):  # not even a ConfigRecord: an empty profile
-                record = ConfigRecord()
-            out.append(Message(content=RecordDict({PROFILE_KEY: record}), reply_to=msg))
-        return out
-
-
 @FUZZ
 @given(p1=_PROFILE, p3=_PROFILE, uplink=st.sampled_from(["adaptive", "fp32"]))
 def test_fuzzed_profiles_never_crash_and_budgets_serialize(p1, p3, uplink):
@@ -494,7 +474,7 @@ def test_fuzzed_profiles_never_crash_and_budgets_serialize(p1, p3, uplink):
     from .test_haflq_strategy import D_OUT
 
     strategy = HAFLQStrategy(mode="truncate", uplink=uplink)
-    state, msgs = _round(strategy, _ProfileGrid({1: p1, 3: p3}))
+    state, msgs = _round(strategy, RawProfileGrid({1: p1, 3: p3}))
     fixed = fixed_payload_bytes({"score.weight": (2, D_OUT)})
     for node, msg in msgs.items():
         budget = msg.content["config"]["uplink-budget-bytes"]
