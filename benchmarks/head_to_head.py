@@ -43,6 +43,9 @@ ARMS = (
     "flora,ffa-lora,paper-baseline,haflq-full"
 )
 
+# The paper's claims pair (memory, bytes, accuracy of haflq-full against paper-baseline)
+CLAIMS = "haflq-full:paper-baseline"
+
 # Run config shared by every arm, per task (the arms add their own overrides).
 COMMON = {
     "data.partitioner": "dirichlet",
@@ -81,7 +84,8 @@ TASKS: dict[str, dict] = {
 }
 
 
-def defaults(task: str, budgets: str) -> list[str]:
+def defaults(task: str, budgets: str, arms: str = ARMS) -> list[str]:
+    """The preset's compare arguments; the claims pair only when both of its arms run."""
     preset = TASKS[task]
     config = {
         **COMMON,
@@ -89,20 +93,31 @@ def defaults(task: str, budgets: str) -> list[str]:
         "data.name": task,
         "tiers.memory-mb": budgets,
     }
+    claims = ["--claims", CLAIMS] if set(CLAIMS.split(":")) <= set(arms.split(",")) else []
     return [
         "--arms",
-        ARMS,
+        arms,
         "--rounds",
         str(preset["rounds"]),
         "--num-supernodes",
         "6",
         "--reference",
         "haflq",
-        "--claims",
-        "haflq-full:paper-baseline",
+        *claims,
         "--run-config",
         compare.config_string(config),
     ]
+
+
+def _flag(argv: list[str], flag: str) -> str | None:
+    """The last value given for ``flag`` in ``argv`` (``--flag value`` or ``--flag=value``)."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            found = arg.split("=", 1)[1]
+    return found
 
 
 def model_name(argv: list[str]) -> str:
@@ -120,7 +135,8 @@ def main(argv: list[str]) -> int:
     args, rest = parser.parse_known_args(argv)
     budgets = memory_mb(model_name(rest))
     print(f"[head_to_head] task {args.task}; tiers.memory-mb = {budgets}", flush=True)
-    return compare.main(defaults(args.task, budgets) + rest)
+    arms = _flag(rest, "--arms") or ARMS
+    return compare.main(defaults(args.task, budgets, arms) + rest)
 
 
 if __name__ == "__main__":

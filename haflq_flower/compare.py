@@ -24,6 +24,7 @@ import numpy as np
 
 from . import launch, predictions, stats
 from .config import parse_run_config
+from .results import evaluated_accuracies
 
 # Named arms: run-config overrides on top of the common config.
 ARMS: dict[str, dict[str, Any] | Callable[[Mapping[str, Any]], dict[str, Any]]] = {
@@ -225,7 +226,8 @@ def summarize_run(results: dict, target: float | None) -> dict[str, Any]:
     cum_up, to_target_round, to_target_bytes = 0, None, None
     for r in rounds:
         cum_up += r["bytes_up"]
-        if target is not None and to_target_round is None and r["accuracy"] >= target:
+        acc = r.get("accuracy")
+        if target is not None and to_target_round is None and acc is not None and acc >= target:
             to_target_round, to_target_bytes = r["round"], cum_up
     tiers: dict[str, dict[str, int]] = {}
     tier_of = _tier_lookup(results, trained)
@@ -248,7 +250,7 @@ def summarize_run(results: dict, target: float | None) -> dict[str, Any]:
     final = results["final"] or {}
     return {
         "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
-        "best_accuracy": max((r["accuracy"] for r in rounds), default=None),
+        "best_accuracy": max(evaluated_accuracies(rounds), default=None),
         "rounds_to_target": to_target_round,
         "bytes_up_to_target": to_target_bytes,
         "bytes_up": sum(r["bytes_up"] for r in rounds),
@@ -411,11 +413,11 @@ def summarize(
     correct = load_correct(out_dir, arms, seeds)
     if correct:
         ref = reference or ("haflq" if "haflq" in correct else next(iter(correct)))
-        if ref not in correct:
-            raise SystemExit(f"error: --reference {ref!r} has no finished run with predictions")
         decisions = paired_decisions(correct, ref)
         table["decisions"] = decisions
         markdown += "\n" + decisions_markdown(decisions)
+        if ref not in correct:  # a grid in pieces: the bounds may be decided already
+            markdown += f"\nNo finished run of the reference {ref!r} yet: no arm compared.\n"
     if claims is not None and all(arm in rows for arm in claims):
         found = paper_claims(rows[claims[0]], rows[claims[1]])
         pairs = _pairs(correct, *claims)
@@ -607,6 +609,12 @@ def decisions_markdown(found: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mean_evaluated(values) -> float:
+    """Mean of the seeds that evaluated this round (NaN, a gap in a plot, if none did)."""
+    kept = [v for v in values if v is not None]
+    return statistics.fmean(kept) if kept else float("nan")
+
+
 def rounds_markdown(rows: Mapping[str, list[dict]]) -> str:
     """Accuracy by round (round 0 = before training), mean over each arm's seeds."""
     if not rows:
@@ -621,7 +629,11 @@ def rounds_markdown(rows: Mapping[str, list[dict]]) -> str:
     for arm, runs in rows.items():
         cells = []
         for i in range(count):
-            values = [r["accuracy_by_round"][i] for r in runs if i < len(r["accuracy_by_round"])]
+            values = [
+                r["accuracy_by_round"][i]
+                for r in runs
+                if i < len(r["accuracy_by_round"]) and r["accuracy_by_round"][i] is not None
+            ]
             cells.append(f"{statistics.fmean(values):.3f}" if values else "-")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -739,7 +751,7 @@ def plot_comparison(
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for arm, runs in rows.items():
         count = min(len(r["accuracy_by_round"]) for r in runs)
-        acc = [statistics.fmean(r["accuracy_by_round"][i] for r in runs) for i in range(count)]
+        acc = [_mean_evaluated(r["accuracy_by_round"][i] for r in runs) for i in range(count)]
         up = [statistics.fmean(r["cum_bytes_up_by_round"][i] for r in runs) for i in range(count)]
         label = arm if len(runs) == 1 else f"{arm} ({len(runs)} seeds)"
         ax1.plot(range(count), acc, marker="o", label=label)

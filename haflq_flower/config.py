@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "eval.batch-size": 32,
     "eval.split": "test",
     "eval.predictions": True,
+    "eval.every": 1,
     "strategy.name": "haflq",
     "strategy.mode": "freeze",
     "strategy.aggregation": "adaptive",
@@ -167,9 +168,18 @@ class TrainConfig:
     # it writes every row's predicted label to predictions.npz.
     eval_split: str = "test"
     eval_predictions: bool = True
+    # Evaluate after rounds 0, k, 2k, ... and always after the last; 0 = the last round
+    # only (a grid that reports final accuracy skips the intermediate evaluations).
+    eval_every: int = 1
     # Recompute each block's activations in backward instead of keeping them: less
     # peak memory for more compute per step (docs/benchmarks.md has both measured).
     gradient_checkpointing: bool = False
+
+    def evaluates_after(self, server_round: int, num_rounds: int) -> bool:
+        """Whether the server evaluates the global adapter after ``server_round``."""
+        if server_round >= num_rounds:
+            return True
+        return self.eval_every > 0 and server_round % self.eval_every == 0
 
 
 @dataclass(frozen=True)
@@ -414,6 +424,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         eval_batch_size=_positive(cfg, "eval.batch-size", int),
         eval_split=_choice(cfg, "eval.split", EVAL_SPLITS),
         eval_predictions=_get(cfg, "eval.predictions", bool),
+        eval_every=_positive(cfg, "eval.every", int, allow_zero=True),
         gradient_checkpointing=_get(cfg, "train.gradient-checkpointing", bool),
     )
 

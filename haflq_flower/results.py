@@ -42,6 +42,11 @@ def write_json_atomic(path: Path, data: dict) -> None:
     replace_durably(tmp, path)  # fsync the file, rename, fsync the directory
 
 
+def evaluated_accuracies(rounds: list[dict]) -> list[float]:
+    """The accuracies of the rounds the server evaluated (``eval.every`` skips some)."""
+    return [r["accuracy"] for r in rounds if r.get("accuracy") is not None]
+
+
 class RunRecorder:
     """Collects per-round results and keeps ``results.json`` current on disk.
 
@@ -77,9 +82,11 @@ class RunRecorder:
         return self.output_dir / "results.json"
 
     def record_round(
-        self, server_round: int, accuracy: float, loss: float, stats: dict | None
+        self, server_round: int, accuracy: float | None, loss: float | None, stats: dict | None
     ) -> dict:
-        """Add one round (round 0 is the initial global adapter) and rewrite the file."""
+        """Add one round (round 0 is the initial global adapter) and rewrite the file.
+        ``accuracy`` and ``loss`` are None for a round the server did not evaluate
+        (``eval.every``)."""
         stats = stats or {}
         entry = {
             "round": server_round,
@@ -97,12 +104,12 @@ class RunRecorder:
         self.data["rounds"].append(entry)
         write_json_atomic(self.results_path, self.data)
         up = sum(r["bytes_up"] for r in self.data["rounds"])
+        scores = "not evaluated" if accuracy is None else f"accuracy {accuracy:.4f} loss {loss:.4f}"
         log.info(
-            "[round %d/%d] accuracy %.4f loss %.4f | up %s down %s (total up %s) | %.1f s elapsed",
+            "[round %d/%d] %s | up %s down %s (total up %s) | %.1f s elapsed",
             server_round,
             self.num_rounds,
-            accuracy,
-            loss,
+            scores,
             human_bytes(entry["bytes_up"]),
             human_bytes(entry["bytes_down"]),
             human_bytes(up),
@@ -126,7 +133,7 @@ class RunRecorder:
             "rounds_applied": [r["round"] for r in rounds if r.get("update") == "applied"],
             "accuracy": last.get("accuracy"),
             "loss": last.get("loss"),
-            "best_accuracy": max((r["accuracy"] for r in rounds), default=None),
+            "best_accuracy": max(evaluated_accuracies(rounds), default=None),
             "bytes_up": sum(r["bytes_up"] for r in rounds),
             "bytes_down": sum(r["bytes_down"] for r in rounds),
             "wall_s": time.perf_counter() - self.start,

@@ -102,18 +102,20 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
             cfg.output_dir, eval_rows["label"].to_numpy(), cfg.train.eval_split
         )
 
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Evaluate the global adapter, record the round, then checkpoint it."""
         state = from_array_record(arrays)
-        merge_stacks(model, strategy.base_merge())
-        load_trainable_state(model, state)
-        result = _evaluate_rows(
-            cfg, model, tokenizer, eval_rows, device, f"server eval round {server_round}"
-        )
-        loss, accuracy = result.loss, result.accuracy
-        if predictions is not None:
-            predictions.add(server_round, result.predictions)
-            save_predictions(cfg.output_dir, predictions)
+        loss = accuracy = None
+        if cfg.train.evaluates_after(server_round, cfg.num_rounds):
+            merge_stacks(model, strategy.base_merge())
+            load_trainable_state(model, state)
+            result = _evaluate_rows(
+                cfg, model, tokenizer, eval_rows, device, f"server eval round {server_round}"
+            )
+            loss, accuracy = result.loss, result.accuracy
+            if predictions is not None:
+                predictions.add(server_round, result.predictions)
+                save_predictions(cfg.output_dir, predictions)
         stats = strategy.stats.get(server_round)
         recorder.record_round(server_round, accuracy, loss, stats.to_dict() if stats else None)
         if cfg.checkpoint:
@@ -126,6 +128,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
                 recorder.data,
                 recorder.elapsed_s,
             )
+        if accuracy is None:
+            return None
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     result = strategy.start(
@@ -136,6 +140,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         train_config=ConfigRecord(),
         evaluate_fn=after_round,
         first_round=first_round,
+        evaluate_initial=cfg.resume is None,
     )
 
     final_state = from_array_record(result.arrays)

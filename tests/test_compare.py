@@ -1,6 +1,7 @@
 """The comparison grid: per-arm summaries (known answers) and a real two-arm run."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,18 @@ def test_grid_resumes_interrupted_runs_and_skips_finished(tmp_path, monkeypatch)
     low = compare._parse_overrides([calls[1][calls[1].index("--run-config") + 1]])
     assert "resume" not in low
     assert (low["strategy.name"], low["lora.rank"], low["lora.alpha"]) == ("fedit", 2, 4.0)
+
+
+def test_head_to_head_preset_adds_the_claims_pair_only_when_both_arms_run():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "head_to_head.py"
+    spec = importlib.util.spec_from_file_location("head_to_head", path)
+    h2h = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(h2h)
+    full = h2h.defaults("rotten-tomatoes", "")
+    assert full[full.index("--claims") + 1] == "haflq-full:paper-baseline"
+    part = h2h.defaults("rotten-tomatoes", "", "bound-high,bound-low,haflq")
+    assert "--claims" not in part and part[part.index("--arms") + 1] == "bound-high,bound-low,haflq"
+    assert h2h._flag(["--seeds", "0", "--arms", "a,b"], "--arms") == "a,b"
+    assert h2h._flag(["--arms=c"], "--arms") == "c" and h2h._flag([], "--arms") is None

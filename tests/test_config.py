@@ -67,3 +67,17 @@ def test_block_precision_needs_a_strategy_that_assigns_patterns():
     assert cfg.strategy.blocks.enabled and cfg.strategy.blocks.salience_metric == "recovery"
     budgets = [p.memory_budget_bytes for p in cfg.strategy.tiers.profiles]
     assert budgets == [2**20, 2 * 2**20, float("inf")]
+
+
+@pytest.mark.parametrize(
+    "every, expected",
+    [(1, [0, 1, 2, 3, 4, 5]), (2, [0, 2, 4, 5]), (3, [0, 3, 5]), (0, [5]), (7, [0, 5])],
+)
+def test_eval_every_schedules_the_server_evaluations(every, expected):
+    train = parse_run_config({"eval.every": every}).train
+    assert [r for r in range(6) if train.evaluates_after(r, 5)] == expected
+
+
+def test_eval_every_must_not_be_negative():
+    with pytest.raises(ConfigError, match="eval.every"):
+        parse_run_config({"eval.every": -1})

@@ -10,7 +10,7 @@ from flwr.simulation import run_simulation
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from haflq_flower import launch
+from haflq_flower import launch, predictions
 from haflq_flower.client_app import make_client_app
 from haflq_flower.config import parse_run_config
 from haflq_flower.model import resolve_model_path
@@ -264,3 +264,26 @@ def test_dropout_simulation_completes_and_records_what_happened(tmp_path):
     assert results["final"]["replies"] == {"error": 5, "ok": 4}
     assert results["final"]["rounds_skipped"] == [1]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_eval_every_zero_evaluates_only_the_last_round(tmp_path):
+    out = tmp_path / "run"
+    overrides = {**TINY, "eval.every": 0, "output.dir": str(out)}
+    run_simulation(
+        server_app=make_server_app(overrides),
+        client_app=make_client_app(overrides),
+        num_supernodes=2,
+        backend_config={"client_resources": {"num_cpus": 1}},
+    )
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    # rounds 0 and 1 trained (bytes counted) but were not evaluated
+    assert [r["accuracy"] for r in rounds[:2]] == [None, None]
+    assert rounds[1]["bytes_up"] > 0 and 0.0 <= rounds[2]["accuracy"] <= 1.0
+    assert results["final"]["accuracy"] == results["final"]["best_accuracy"]
+    assert results["final"]["accuracy"] == rounds[2]["accuracy"]
+    found = predictions.load(out)
+    assert sorted(found.rounds) == [2] and found.accuracy(2) == rounds[2]["accuracy"]
+    assert "| 0 | - | - |" in (out / "report.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 0

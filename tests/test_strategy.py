@@ -94,3 +94,22 @@ def test_no_usable_reply_leaves_global_unchanged():
 
 def test_array_record_type():
     assert isinstance(to_array_record(_state(1.0)), ArrayRecord)
+
+
+def test_start_evaluates_round_0_only_for_a_fresh_run():
+    """A run resumed after round 0 already has round 0's evaluation: no second record."""
+    arrays = to_array_record(OrderedDict(w=np.zeros(2, np.float32)))
+    for kwargs, expected in (
+        ({}, [0]),
+        ({"evaluate_initial": False}, []),
+        ({"first_round": 2}, []),
+    ):
+        seen = []
+        FedIT().start(
+            grid=None,
+            initial_arrays=arrays,
+            num_rounds=0,
+            evaluate_fn=lambda rnd, _arrays, seen=seen: seen.append(rnd),
+            **kwargs,
+        )
+        assert seen == expected, kwargs

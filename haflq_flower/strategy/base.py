@@ -567,16 +567,20 @@ class LoRAStrategy(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
         first_round: int = 1,
+        evaluate_initial: bool | None = None,
     ) -> Result:
         """Flower's round loop (train, federated evaluation, centralized evaluation),
         starting at ``first_round``: a resumed run starts after its checkpoint's round
-        and skips the round-0 evaluation it already has."""
+        and skips the round-0 evaluation it already has (``evaluate_initial``, default:
+        only when ``first_round`` is 1; a run resumed after round 0 passes False)."""
         log.info("Starting %s, rounds %d to %d", type(self).__name__, first_round, num_rounds)
         self.summary()
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         result = Result(arrays=initial_arrays)
-        if evaluate_fn and first_round == 1:
+        if evaluate_initial is None:
+            evaluate_initial = first_round == 1
+        if evaluate_fn and evaluate_initial:
             res = evaluate_fn(0, initial_arrays)
             if res is not None:
                 result.evaluate_metrics_serverapp[0] = res
