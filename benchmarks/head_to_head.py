@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from block_precision import memory_mb  # noqa: E402
 
 from haflq_flower import compare  # noqa: E402
+from haflq_flower.prompts import PROMPTS  # noqa: E402
 
 # bounds first: the table is void unless they are decided apart
 ARMS = (
@@ -52,6 +53,8 @@ COMMON = {
     "data.dirichlet-alpha": 0.5,
     "model.head-init": "label-words",
     "train.head-learning-rate": 0.0,
+    # the pilot's LoRA learning rate, pinned: the default job's may change
+    "train.learning-rate": 5e-4,
     "train.local-steps": 8,
     "eval.split": "test",
 }
@@ -59,8 +62,8 @@ TASKS: dict[str, dict] = {
     "rotten-tomatoes": {
         "rounds": 6,
         "config": {
-            "model.label-words": "negative,positive",
-            "data.template": "Review: {text}\nSentiment (positive or negative):",
+            "model.label-words": ",".join(PROMPTS["rotten-tomatoes"].label_words),
+            "data.template": PROMPTS["rotten-tomatoes"].template,
             "data.validation-per-class": 150,
             "data.test-per-class": 300,
         },
@@ -68,14 +71,9 @@ TASKS: dict[str, dict] = {
     "20newsgroups": {
         "rounds": 6,
         "config": {
-            # one word per newsgroup, in label order (alt.atheism ... talk.religion.misc);
-            # their first tokens differ (checked at load time)
-            "model.label-words": (
-                "atheism,graphics,windows,ibm,mac,x,sale,cars,motorcycles,baseball,hockey,"
-                "encryption,electronics,medicine,space,christianity,guns,israel,politics,"
-                "religion"
-            ),
-            "data.template": "{text}\nTopic:",
+            # one word per newsgroup in label order (haflq_flower/prompts.py)
+            "model.label-words": ",".join(PROMPTS["20newsgroups"].label_words),
+            "data.template": PROMPTS["20newsgroups"].template,
             "model.max-length": 128,
             "data.validation-per-class": 20,
             "data.test-per-class": 40,

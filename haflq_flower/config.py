@@ -18,6 +18,7 @@ from typing import Any
 
 from .hardware import auto_compute_dtype
 from .profiles import ProfileError, TierTable
+from .prompts import resolve_label_words, resolve_template
 from .quant.salience import METRICS as SALIENCE_METRICS
 
 # Defaults of every run-config key. Must match [tool.flwr.app.config] in pyproject.toml.
@@ -29,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "model.compute-dtype": "auto",
     "model.max-length": 64,
     "model.cache-dir": "",
-    "model.head-init": "random",
+    "model.head-init": "auto",
     "model.label-words": "",
     "lora.rank": 8,
     "lora.alpha": 16,
@@ -44,11 +45,11 @@ DEFAULTS: dict[str, Any] = {
     "data.test-per-class": 100,
     "data.max-train-examples": 0,
     "data.validation-per-class": 0,
-    "data.template": "",
+    "data.template": "auto",
     "train.local-steps": 6,
     "train.batch-size": 8,
-    "train.learning-rate": 5e-4,
-    "train.head-learning-rate": 5e-3,
+    "train.learning-rate": 1e-3,
+    "train.head-learning-rate": 0.0,
     "train.weight-decay": 0.0,
     "train.gradient-checkpointing": False,
     "eval.batch-size": 32,
@@ -103,7 +104,7 @@ AGGREGATIONS = ("adaptive", "zero-pad")
 TIE_BREAKS = ("index", "seed")
 UPLINKS = ("auto", "adaptive", "fp16", "fp32")
 DOWNLINK_BITS = (8, 16, 32)
-HEAD_INITS = ("random", "label-words")
+HEAD_INITS = ("auto", "random", "label-words")
 EVAL_SPLITS = ("test", "validation")
 BLOCK_PRECISIONS = ("off", "uniform-4", "uniform-8", "uniform-16", "salience", "random", "auto")
 
@@ -120,7 +121,9 @@ class ModelConfig:
     max_length: int
     cache_dir: Path
     # "label-words": the classification head starts as the LM head's rows of one word per
-    # label (the model answers with a label word); "random": a fresh seeded head.
+    # label (the model answers with a label word); "random": a fresh seeded head; "auto":
+    # label words where the model allows them (tied embeddings, distinct first tokens),
+    # else random.
     head_init: str = "random"
     label_words: tuple[str, ...] = ()
 
@@ -331,7 +334,7 @@ def _unit_interval(cfg: Mapping[str, Any], key: str) -> float:
 
 
 def _template(cfg: Mapping[str, Any]) -> str:
-    value = _get(cfg, "data.template", str)
+    value = resolve_template(_get(cfg, "data.template", str), _get(cfg, "data.name", str).strip())
     if value and value.count("{text}") != 1:
         raise ConfigError(
             f"run config 'data.template' must contain '{{text}}' exactly once, got {value!r}. "
@@ -384,7 +387,9 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         max_length=_positive(cfg, "model.max-length", int),
         cache_dir=Path(cache).expanduser() if cache else default_cache_dir(),
         head_init=_choice(cfg, "model.head-init", HEAD_INITS),
-        label_words=_csv(_get(cfg, "model.label-words", str)),
+        label_words=resolve_label_words(
+            _csv(_get(cfg, "model.label-words", str)), _get(cfg, "data.name", str).strip()
+        ),
     )
 
     targets = _csv(_get(cfg, "lora.target-modules", str))

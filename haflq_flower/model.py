@@ -14,6 +14,7 @@ call, so quantization, dtype and device placement are handled in one place.
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.metadata
 import logging
 import os
@@ -430,14 +431,49 @@ def load_lora_model(
     ``label_names``); callers that load the global state over it may omit them."""
     torch.manual_seed(seed)
     model, tokenizer = load_base_model(cfg, num_labels, device, block_bits, cache_quantized)
-    if cfg.head_init == "label-words":
-        words = cfg.label_words or tuple(label_names or ())
+    words = cfg.label_words or tuple(label_names or ())
+    if cfg.head_init == "label-words" or (
+        cfg.head_init == "auto" and label_words_fit(model, tokenizer, words)
+    ):
         if words:
             init_label_word_head(model, tokenizer, words)
         # the verbalizer reads the last token: truncate long texts from the left so the
         # end of the prompt (data.template) survives
         tokenizer.truncation_side = "left"
     return add_lora(model, lora), tokenizer
+
+
+def label_words_fit(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, words: Sequence[str]
+) -> bool:
+    """Whether ``model.head-init="auto"`` can answer with ``words`` (else: a random head).
+
+    Needs a linear ``score`` head with one output per word, tied embeddings and words
+    that start with distinct tokens; the reason it cannot is logged once per process.
+    """
+    score = getattr(model, "score", None)
+    if not words:
+        reason = "no label words (model.label-words) are known for this dataset"
+    elif not isinstance(score, torch.nn.Linear) or score.out_features != len(words):
+        reason = f"{len(words)} label word(s) do not fit the model's classification head"
+    elif not getattr(model.config, "tie_word_embeddings", False):
+        reason = "the model does not tie its input and output embeddings"
+    else:
+        try:
+            label_word_ids(tokenizer, words)
+            return True
+        except ModelLoadError as err:
+            reason = str(err)
+    _log_once(
+        f"model.head-init='auto': a random classification head, because {reason}; it "
+        "learns only with train.head-learning-rate > 0 (e.g. 5e-3)"
+    )
+    return False
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 def label_word_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[int]:

@@ -36,6 +36,8 @@ TINY = {
     "strategy.name": "fedit",
     "data.partitioner": "iid",
     "train.head-learning-rate": 2e-3,
+    "train.learning-rate": 5e-4,
+    "data.template": "",
     "data.test-per-class": 20,
     "data.max-train-examples": 400,
     "train.local-steps": 3,

@@ -114,7 +114,10 @@ def test_device_data_files_keep_the_task_label_ids(tmp_path):
         only_fresh, index=False
     )
     frame = device_frame(cfg.data, str(only_fresh), names)
-    assert frame["label"].tolist() == [1, 1] and frame["text"].tolist() == ["great", "superb"]
+    # the run's prompt (the packaged dataset's, data.template="auto") wraps device texts too
+    prompt = cfg.data.template
+    assert "{text}" in prompt and frame["label"].tolist() == [1, 1]
+    assert frame["text"].tolist() == [prompt.replace("{text}", t) for t in ("great", "superb")]
     ints = tmp_path / "ints.csv"
     pd.DataFrame({"review": ["a", "b"], "verdict": [0, 1]}).to_csv(ints, index=False)
     both = device_frame(cfg.data, f"{only_fresh}, {ints}", names)

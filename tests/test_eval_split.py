@@ -40,3 +40,18 @@ def test_template_wraps_every_text_once():
     )
     with pytest.raises(ConfigError, match="exactly once"):
         parse_run_config({"data.template": "no placeholder"})
+
+
+def test_packaged_datasets_bring_their_prompt_and_label_words():
+    from haflq_flower.prompts import PROMPTS
+
+    cfg = parse_run_config({"data.template": "auto"})
+    assert cfg.data.template == PROMPTS["rotten-tomatoes"].template
+    assert cfg.model.label_words == ("negative", "positive")
+    news = parse_run_config({"data.template": "auto", "data.name": "20newsgroups"})
+    assert news.data.template == "{text}\nTopic:" and len(news.model.label_words) == 20
+    # other data: the text as is and the label names; explicit values always win
+    local = parse_run_config({"data.template": "auto", "data.name": "local"})
+    assert local.data.template == "" and local.model.label_words == ()
+    mine = parse_run_config({"data.template": "<{text}>", "model.label-words": "bad,good"})
+    assert mine.data.template == "<{text}>" and mine.model.label_words == ("bad", "good")

@@ -196,3 +196,23 @@ def test_label_word_head_is_the_lm_head_at_the_last_token(tiny_config, tmp_path)
         init_label_word_head(untied, tokenizer, words)
     with pytest.raises(ModelLoadError, match="2 labels"):
         init_label_word_head(clf, tokenizer, ("a", "b", "c"))
+
+    # head-init "auto": label words where they fit, a random head (and the reason) where not
+    from haflq_flower.model import label_words_fit
+
+    assert label_words_fit(clf, tokenizer, words)
+    assert not label_words_fit(untied, tokenizer, words)  # untied embeddings
+    assert not label_words_fit(clf, tokenizer, ("a", "b", "c"))  # 3 words, 2 labels
+    assert not label_words_fit(clf, tokenizer, ())
+    assert not label_words_fit(clf, tokenizer, ("good", "good"))  # the same first token
+
+
+def test_head_init_auto_on_an_untied_model_is_the_seeded_random_head(tiny_config):
+    auto, _ = load_lora_model(
+        tiny_config(model__head_init="auto").model, tiny_config().lora, 2, 0, CPU
+    )
+    plain, _ = load_lora_model(
+        tiny_config(model__head_init="random").model, tiny_config().lora, 2, 0, CPU
+    )
+    head = lambda m: next(p for n, p in m.named_parameters() if "score" in n)  # noqa: E731
+    torch.testing.assert_close(head(auto), head(plain), rtol=0, atol=0)
