@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -131,9 +132,20 @@ def drops_out(seed: int, server_round: int, partition: int, probability: float) 
     return bool(np.random.default_rng([seed, server_round, partition, 7]).random() < probability)
 
 
+def ray_node_tag() -> int:
+    """The first 48 bits of the Ray node this client runs on, as an integer (metrics hold
+    numbers only); 0 outside Ray (a deployed SuperNode). Shows which machine of a Ray
+    cluster trained which client."""
+    ray = sys.modules.get("ray")  # never imported here: only where Ray already runs us
+    if ray is None or not ray.is_initialized():
+        return 0
+    return int(ray.get_runtime_context().get_node_id()[:12], 16)
+
+
 def _train_metrics(num_rows: int, result: TrainResult) -> MetricRecord:
     return MetricRecord(
         {
+            "ray-node": ray_node_tag(),
             # FedAvg weight n_k: the size of the local dataset (not the examples seen, which
             # is steps x batch and the same for every client).
             NUM_EXAMPLES: num_rows,

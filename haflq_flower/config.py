@@ -98,7 +98,7 @@ DEFAULTS: dict[str, Any] = {
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "inner-dirichlet")
 MODES = ("freeze", "truncate")
 AGGREGATIONS = ("adaptive", "zero-pad")
 TIE_BREAKS = ("index", "seed")

@@ -410,6 +410,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="GPU share per simulated client (default: 0.5 when CUDA is present, else 0)",
     )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="run the simulation on an existing Ray cluster (e.g. 10.0.0.1:6379, as "
+        "printed by `ray start --head`) instead of a private one; the environment "
+        "variable RAY_ADDRESS does the same",
+    )
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds for the run")
     args = parser.parse_args(argv)
 
@@ -439,6 +446,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         gpus = 0.5 if torch.cuda.is_available() else 0.0
+
+    if args.ray_address:
+        # Flower's Ray backend calls ray.init() without an address in the simulation
+        # process the SuperLink starts; Ray then joins the cluster RAY_ADDRESS names
+        os.environ["RAY_ADDRESS"] = args.ray_address
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"Simulation on the Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
 
     # `kill <launcher>` (SIGTERM) unwinds like Ctrl-C: the SuperLink and everything it
     # started are stopped by the finally blocks below

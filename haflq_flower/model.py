@@ -437,6 +437,7 @@ def load_lora_model(
     ):
         if words:
             init_label_word_head(model, tokenizer, words)
+            _log_once(f"Classification head: the LM head's rows of the label words {words}")
         # the verbalizer reads the last token: truncate long texts from the left so the
         # end of the prompt (data.template) survives
         tokenizer.truncation_side = "left"

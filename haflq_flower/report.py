@@ -418,8 +418,8 @@ def render_report(results: Mapping[str, Any], run_dir: str | Path) -> str:
             "the same base"
         )
         lines += [
-            f"A standard PEFT adapter with the trained head, in `{adapter}`. These lines load "
-            f"it on the unquantized base ({measured}):",
+            f"A standard PEFT adapter with the classification head, in `{adapter}`. These "
+            f"lines load it on the unquantized base ({measured}):",
             "",
             "```python",
             *adapter_lines(base, str(adapter), int(final.get("num_labels") or 2)),

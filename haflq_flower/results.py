@@ -42,6 +42,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
     replace_durably(tmp, path)  # fsync the file, rename, fsync the directory
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def evaluated_accuracies(rounds: list[dict]) -> list[float]:
     """The accuracies of the rounds the server evaluated (``eval.every`` skips some)."""
     return [r["accuracy"] for r in rounds if r.get("accuracy") is not None]
@@ -99,6 +108,9 @@ class RunRecorder:
             "strategy_s": stats.get("strategy_s", 0.0),
             "clients": stats.get("clients", []),
             "rejected": stats.get("rejected", []),
+            # peak RSS so far of the process that runs the ServerApp (in a simulation it
+            # also holds Flower's simulation engine)
+            "server_peak_rss_bytes": peak_rss_bytes(),
             **stats.get("extra", {}),
         }
         self.data["rounds"].append(entry)

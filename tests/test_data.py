@@ -7,6 +7,7 @@ from haflq_flower.data import (
     DataLoadError,
     balanced_test_split,
     client_partition,
+    equal_sizes,
     load_task,
     partition_indices,
 )
@@ -30,7 +31,7 @@ def test_test_split_depends_on_seed_only():
     assert a.equals(b) and not a.equals(c)
 
 
-@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "inner-dirichlet"])
 def test_partitions_are_reproducible_and_disjoint(partitioner):
     labels = np.array([i % 3 for i in range(600)])
     first = partition_indices(labels, 5, partitioner, 0.5, seed=7)
@@ -51,6 +52,32 @@ def test_dirichlet_skews_labels_iid_does_not():
     skew_share = [labels[p].mean() for p in skew]
     assert max(abs(s - 0.5) for s in iid_share) < 0.1
     assert max(abs(s - 0.5) for s in skew_share) > 0.3
+
+
+def test_inner_dirichlet_gives_label_skew_to_thousands_of_clients():
+    """Rotten Tomatoes' size (12,500 training rows, 2 labels): the size-rejecting
+    Dirichlet split cannot draw 1,000 non-empty partitions, the inner Dirichlet split
+    draws 1,000 and 10,000, every row used once, sizes equal, labels skewed."""
+    labels = np.array([i % 2 for i in range(12_500)])
+    with pytest.raises(DataLoadError, match="inner-dirichlet"):
+        partition_indices(labels, 1_000, "dirichlet", 0.5, seed=0)
+    for clients in (1_000, 10_000):
+        parts = partition_indices(labels, clients, "inner-dirichlet", 0.5, seed=0)
+        sizes = {len(p) for p in parts}
+        assert sizes == {12_500 // clients, -(-12_500 // clients)}
+        flat = np.concatenate(parts)
+        assert len(flat) == len(set(flat.tolist())) == 12_500
+    parts = partition_indices(labels, 1_000, "inner-dirichlet", 0.5, seed=0)
+    iid = partition_indices(labels, 1_000, "iid", 0.5, seed=0)
+    # 12-13 rows each: a label share's spread is ~0.14 under iid sampling and ~0.35
+    # under Beta(0.5, 0.5) (the two-label Dirichlet)
+    skew = np.std([labels[p].mean() for p in parts])
+    flat_share = np.std([labels[p].mean() for p in iid])
+    assert skew > 0.25 > 0.2 > flat_share
+
+
+def test_equal_sizes():
+    assert equal_sizes(10, 3) == [4, 3, 3] and equal_sizes(6, 6) == [1] * 6
 
 
 def test_client_partition_matches_across_calls():

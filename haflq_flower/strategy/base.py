@@ -108,6 +108,8 @@ class ClientRoundStats:
     block_bits: str = ""
     weight_bytes: int = 0
     status: str = "sent"
+    # Simulation on Ray: the first 12 hex digits of the Ray node id that trained it.
+    ray_node: str = ""
 
 
 @dataclass
@@ -436,6 +438,8 @@ class LoRAStrategy(Strategy):
         client.partition = _number(metrics, "partition-id", int, -1)
         client.optimizer_state_bytes = _number(metrics, "optimizer-state-bytes", int, 0)
         client.weight_bytes = _number(metrics, "weight-bytes", int, 0)
+        tag = _number(metrics, "ray-node", int, 0)
+        client.ray_node = f"{tag:012x}" if 0 < tag < 2**48 else ""
         client.status = STATUS_OK
         stats.bytes_up += client.bytes_up
         numeric = {

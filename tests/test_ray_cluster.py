@@ -1,0 +1,63 @@
+"""The simulation on an existing multi-node Ray cluster (issue 23): a head node and a
+second node on 127.0.0.1 (Ray's own ``cluster_utils.Cluster``, real raylets), the real
+``flwr run`` path through the launcher's ``--ray-address``, the tiny model."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from haflq_flower import compare, launch
+
+from .conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def two_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def test_clients_train_on_more_than_one_ray_node(tmp_path, two_node_cluster, monkeypatch):
+    # the launcher sets RAY_ADDRESS for the processes it starts; undone after the test
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    out = tmp_path / "run"
+    config = {**TINY, "num-server-rounds": 2, "data.max-train-examples": 200}
+    code = launch.main(
+        [
+            "--app",
+            str(ROOT),
+            "--num-supernodes",
+            "4",
+            "--client-cpus",
+            "1",
+            "--ray-address",
+            two_node_cluster.address,
+            "--output-dir",
+            str(out),
+            "--run-config",
+            compare.config_string(config),
+            "--timeout",
+            "600",
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["final"]["status"] == "completed"
+    used = {c["ray_node"] for r in results["rounds"][1:] for c in r["clients"]}
+    cluster_nodes = {n.node_id[:12] for n in two_node_cluster.list_all_nodes()}
+    assert len(cluster_nodes) == 2
+    # every client reply names a node of this cluster, and both nodes trained clients
+    assert used == cluster_nodes
