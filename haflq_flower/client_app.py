@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -132,6 +133,29 @@ def drops_out(seed: int, server_round: int, partition: int, probability: float) 
     return bool(np.random.default_rng([seed, server_round, partition, 7]).random() < probability)
 
 
+def client_device():
+    """The device this client trains on; on a GPU shared by several simulated clients
+    (``--client-gpus 0.25``: four Ray actors per GPU) the process's CUDA allocator is
+    capped at its share, so a client that outgrows it fails alone, with an out-of-memory
+    error, instead of taking the GPU from the clients beside it."""
+    device = select_device()
+    if device.type == "cuda":
+        _cap_to_gpu_share()
+    return device
+
+
+@functools.cache
+def _cap_to_gpu_share() -> float:
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return 1.0
+    share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
+    if 0.0 < share < 1.0:
+        torch.cuda.set_per_process_memory_fraction(share)
+        log.info("CUDA memory capped at this client's GPU share, %.2f", share)
+    return share
+
+
 def ray_node_tag() -> int:
     """The first 48 bits of the Ray node this client runs on, as an integer (metrics hold
     numbers only); 0 outside Ray (a deployed SuperNode). Shows which machine of a Ray
@@ -180,7 +204,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     mode = str(node_cfg.get("mode", ""))
     if mode and mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r} from the server; allowed: {MODES}")
-    device = select_device()
+    device = client_device()
     task = load_task(cfg.data)
     block_bits = pattern_from_str(node_cfg["block-bits"]) if "block-bits" in node_cfg else None
     model, tokenizer = _model(cfg, task.num_labels, device, block_bits)
@@ -326,7 +350,7 @@ def handle_salience(msg: Message, context: Context, cfg: RunConfig) -> Message:
     query = msg.content[CONFIG_KEY]
     metric, rows = str(query["metric"]), int(query["rows"])
     sample = frame.sample(n=min(rows, len(frame)), random_state=cfg.seed + pid)
-    device = select_device()
+    device = client_device()
     _MODEL_CACHE.clear()  # make room: calibration needs the unquantized model
     model, tokenizer = load_calibration_model(cfg.model, device)
     try:
@@ -348,7 +372,7 @@ def handle_salience(msg: Message, context: Context, cfg: RunConfig) -> Message:
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the received adapter on this node's own partition."""
     pid, frame = _client_data(context, cfg)
-    device = select_device()
+    device = client_device()
     task = load_task(cfg.data)
     model, tokenizer = _model(cfg, task.num_labels, device, any_bits=True)
     _merge(model, msg)

@@ -61,3 +61,32 @@ def test_clients_train_on_more_than_one_ray_node(tmp_path, two_node_cluster, mon
     assert len(cluster_nodes) == 2
     # every client reply names a node of this cluster, and both nodes trained clients
     assert used == cluster_nodes
+
+
+def test_a_client_on_a_shared_gpu_caps_its_cuda_memory_at_its_share(monkeypatch):
+    """--client-gpus 0.25: Ray assigns each actor a quarter GPU; the client caps its CUDA
+    allocator there (no GPU needed: Ray's runtime context and torch's cap are stood in)."""
+    import sys
+    import types
+
+    import torch
+
+    from haflq_flower import client_app
+
+    calls = []
+    context = types.SimpleNamespace(get_assigned_resources=lambda: {"GPU": 0.25, "CPU": 1.0})
+    fake_ray = types.SimpleNamespace(
+        is_initialized=lambda: True, get_runtime_context=lambda: context
+    )
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", calls.append)
+    client_app._cap_to_gpu_share.cache_clear()
+    try:
+        assert client_app._cap_to_gpu_share() == 0.25
+        assert client_app._cap_to_gpu_share() == 0.25  # once per process
+        assert calls == [0.25]
+        client_app._cap_to_gpu_share.cache_clear()
+        context.get_assigned_resources = lambda: {"GPU": 1.0}
+        assert client_app._cap_to_gpu_share() == 1.0 and calls == [0.25]  # a whole GPU
+    finally:
+        client_app._cap_to_gpu_share.cache_clear()
