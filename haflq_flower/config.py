@@ -307,17 +307,20 @@ def _fraction(cfg: Mapping[str, Any], key: str) -> float:
     return value
 
 
-def _strategy_names() -> tuple[str, ...]:
-    """Names in the strategy registry (users may register their own subclasses)."""
-    from .strategy import STRATEGIES
-
-    return tuple(STRATEGIES)
+def _strategy_name(cfg: Mapping[str, Any]) -> str:
+    """A registered strategy name or an import path ``package.module:ClassName``."""
+    name = _get(cfg, "strategy.name", str).strip()
+    try:
+        _strategy_class(name)
+    except ValueError as err:
+        raise ConfigError(f"run config 'strategy.name': {err}") from err
+    return name
 
 
 def _strategy_class(name: str):
-    from .strategy import STRATEGIES
+    from .strategy import strategy_class
 
-    return STRATEGIES[name]
+    return strategy_class(name)
 
 
 def _compute_dtype(cfg: Mapping[str, Any]) -> str:
@@ -485,7 +488,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         calibration_rows=_positive(cfg, "blocks.calibration-rows", int),
         calibration_clients=_positive(cfg, "blocks.calibration-clients", int),
     )
-    strategy_name = _choice(cfg, "strategy.name", _strategy_names())
+    strategy_name = _strategy_name(cfg)
     strategy = StrategyConfig(
         name=strategy_name,
         mode=_choice(cfg, "strategy.mode", MODES),

@@ -21,6 +21,8 @@ from haflq_flower.strategy.haflq import (
     selection_to_record,
 )
 
+from .round_robin import RoundRobinSelection
+
 R, D_IN, D_OUT = 8, 3, 4
 MODS = ["m.q", "m.v"]
 
@@ -224,15 +226,6 @@ def test_node_without_usable_profile_gets_the_default():
     assert strategy.profiles[2].tier == "fallback"
 
 
-class RoundRobinSelection(HAFLQStrategy):
-    """The docs' worked example: rotate components so every one gets trained."""
-
-    def select_components(self, server_round, node_id, budget):
-        start = (server_round - 1) * budget % self.global_rank
-        idx = np.sort((start + np.arange(budget)) % self.global_rank)
-        return {m: idx for m in self.importance.modules}
-
-
 def test_a_subclass_changes_selection():
     strategy = RoundRobinSelection(mode="truncate")
     _, msgs = _round(strategy, FakeGrid({1: TIERS[1]}), server_round=3)
@@ -260,13 +253,31 @@ def test_a_registered_subclass_is_built_from_the_run_config(monkeypatch):
     from haflq_flower.config import ConfigError, parse_run_config
 
     with pytest.raises(
-        ConfigError, match="allowed: fedit, fedit-trunc, ffa-lora, flexlora, flora, haflq, hetlora"
+        ConfigError, match="known: fedit, fedit-trunc, ffa-lora, flexlora, flora, haflq, hetlora"
     ):
         parse_run_config({"strategy.name": "round-robin"})
     monkeypatch.setitem(registry.STRATEGIES, "round-robin", RoundRobinSelection)
     cfg = parse_run_config({"strategy.name": "round-robin", "strategy.mode": "truncate"})
     built = registry.build_strategy(cfg)
     assert isinstance(built, RoundRobinSelection) and built.mode == "truncate"
+
+
+def test_a_subclass_is_named_by_its_import_path():
+    """What every process of a `flwr run` can resolve on its own (no registration)."""
+    from haflq_flower import strategy as registry
+    from haflq_flower.config import ConfigError, parse_run_config
+
+    path = "tests.round_robin:RoundRobinSelection"
+    cfg = parse_run_config({"strategy.name": path, "strategy.mode": "truncate"})
+    built = registry.build_strategy(cfg)
+    assert type(built) is RoundRobinSelection and built.mode == "truncate"
+    for bad, why in (
+        ("tests.no_such_module:X", "cannot import"),
+        ("tests.round_robin:Missing", "is not a LoRAStrategy"),
+        ("numpy:ndarray", "is not a LoRAStrategy"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            parse_run_config({"strategy.name": bad})
 
 
 def test_adaptive_uplink_budgets_follow_the_channel_and_drop_what_does_not_fit():

@@ -10,7 +10,7 @@ from flwr.simulation import run_simulation
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from haflq_flower import launch, predictions
+from haflq_flower import compare, launch, predictions
 from haflq_flower.client_app import make_client_app
 from haflq_flower.config import parse_run_config
 from haflq_flower.model import resolve_model_path
@@ -287,3 +287,31 @@ def test_eval_every_zero_evaluates_only_the_last_round(tmp_path):
     assert sorted(found.rounds) == [2] and found.accuracy(2) == rounds[2]["accuracy"]
     assert "| 0 | - | - |" in (out / "report.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_flwr_run_with_a_strategy_named_by_import_path(tmp_path, app_dir):
+    """The extension path of docs/extending.md under the real `flwr run`: the ServerApp
+    and every ClientApp (other processes) resolve the user's class from the run config."""
+    out = tmp_path / "run"
+    config = {**TINY, "strategy.name": "tests.round_robin:RoundRobinSelection"}
+    code = launch.main(
+        [
+            "--app",
+            str(app_dir),
+            "--num-supernodes",
+            "2",
+            "--client-cpus",
+            "1",
+            "--output-dir",
+            str(out),
+            "--run-config",
+            compare.config_string(config),
+            "--timeout",
+            "600",
+        ]
+    )
+    assert code == 0
+    results = _check_results(out, num_rounds=2, num_clients=2)
+    assert results["config"]["strategy.name"] == "tests.round_robin:RoundRobinSelection"
+    # HAFLQ-style replies (component uploads) from clients of the default tiers
+    assert all(c["components_up"] > 0 for r in results["rounds"][1:] for c in r["clients"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 from .base import ClientUpdate, LoRAStrategy, ReplyError, RoundStats
@@ -27,6 +28,44 @@ STRATEGIES: dict[str, type[LoRAStrategy]] = {
 }
 
 
+def strategy_class(name: str) -> type[LoRAStrategy]:
+    """The class ``strategy.name`` names: a registered name (``haflq``, ``fedit``, ...) or
+    an import path ``package.module:ClassName`` of a :class:`LoRAStrategy` subclass.
+
+    An import path works under ``flwr run`` and on deployed SuperNodes, where the
+    ServerApp and every ClientApp parse the run config in their own processes: each
+    imports the class itself (the module must be importable there, e.g. a file of the
+    app directory, which travels in the FAB). A name registered in ``STRATEGIES`` at run
+    time is known only to the process that registered it.
+
+    Raises
+    ------
+    ValueError
+        When the name is not registered, the module cannot be imported, or the
+        attribute is not a LoRAStrategy subclass.
+    """
+    if ":" not in name:
+        if name not in STRATEGIES:
+            raise ValueError(
+                f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}, or an import "
+                "path 'package.module:ClassName' of a LoRAStrategy subclass"
+            )
+        return STRATEGIES[name]
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"strategy {name!r}: cannot import {module_name!r} ({err}); the module must be "
+            "importable by the ServerApp and every ClientApp (e.g. a .py file in the app "
+            "directory)"
+        ) from err
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, LoRAStrategy)):
+        raise ValueError(f"strategy {name!r}: {attr!r} in {module_name} is not a LoRAStrategy")
+    return cls
+
+
 def build_strategy(cfg: RunConfig) -> LoRAStrategy:
     """The strategy named by ``strategy.name``, with every knob from the run config."""
     common = dict(
@@ -39,7 +78,7 @@ def build_strategy(cfg: RunConfig) -> LoRAStrategy:
         clip_factor=cfg.strategy.clip_factor,
         weight_clip=cfg.strategy.weight_clip,
     )
-    cls = STRATEGIES[cfg.strategy.name]
+    cls = strategy_class(cfg.strategy.name)
     if issubclass(cls, HAFLQStrategy):
         payload = cfg.strategy.payload
         kwargs = dict(
@@ -82,4 +121,5 @@ __all__ = [
     "RoundStats",
     "STRATEGIES",
     "build_strategy",
+    "strategy_class",
 ]
