@@ -69,6 +69,9 @@ ARMS.update(
         # FLoRA merges into the base weights every round: it needs a 16-bit base
         "flora": {"strategy.name": "flora", "model.quantization": "none"},
         "ffa-lora": {"strategy.name": "ffa-lora"},
+        # FedEx-LoRA also merges (its exact residual) into the base: 16-bit base
+        "fedex-lora": {"strategy.name": "fedex-lora", "model.quantization": "none"},
+        "lora-fair": {"strategy.name": "lora-fair"},
     }
 )
 # The paper's claims: HAFLQ with every mechanism (salience-mixed base within each tier's
@@ -259,6 +262,8 @@ def summarize_run(results: dict, target: float | None) -> dict[str, Any]:
         "wall_s": final.get("wall_s"),
         "accuracy_by_tier": final.get("accuracy_by_tier") or {},
         "strategy_share": strategy_s / sum(round_s) if sum(round_s) > 0 else None,
+        # mean over the trained rounds of ||avg of client products - global||/||avg||
+        "aggregation_residual": _mean_spread([r.get("aggregation_residual") for r in trained])[0],
         "accuracy_by_round": [r["accuracy"] for r in rounds],
         "cum_bytes_up_by_round": _cumsum([r["bytes_up"] for r in rounds]),
     }
@@ -355,6 +360,7 @@ def summarize(
         *[f"peak RSS {t} (MB)" for t in tier_names],
         *[f"optim. state {t} (KB)" for t in tier_names],
         *block_head,
+        "aggregation residual",
         "wall (s)",
         "strategy share",
     ]
@@ -370,6 +376,7 @@ def summarize(
         down = _mean_spread([r["bytes_down"] for r in runs])[0]
         wall = _mean_spread([r["wall_s"] for r in runs])[0]
         share = _mean_spread([r["strategy_share"] for r in runs])[0]
+        residual = _mean_spread([r.get("aggregation_residual") for r in runs])[0]
         mem = {
             t: max(r["tiers"].get(t, {}).get("peak_mem_bytes", 0) for r in runs) for t in tier_names
         }
@@ -405,6 +412,7 @@ def summarize(
             *[f"{mem[t] / 1e6:.0f}" for t in tier_names],
             *[f"{opt[t] / 1e3:.0f}" for t in tier_names],
             *block_cells,
+            "-" if residual is None else f"{residual:.4f}",
             "-" if wall is None else f"{wall:.0f}",
             "-" if share is None else f"{100 * share:.2f}%",
         ]

@@ -189,3 +189,83 @@ def test_bad_weights_and_rules_are_rejected():
         aggregate_components(state, [_upload(1, [0], 1)], "median")
     with pytest.raises(ValueError, match="weights"):
         aggregate_components(state, [_upload(0, [0], 1)], "adaptive")
+
+
+def _clients_full(seeds=(1, 2, 3), weights=(3.0, 1.0, 2.0)):
+    """Three clients at full rank R: uploads and the factors each ended with."""
+    from haflq_flower.lora.aggregate import client_values
+
+    glob = _state()
+    ups = [_upload(w, range(R), s) for w, s in zip(weights, seeds, strict=True)]
+    return glob, ups, [client_values(glob, up) for up in ups]
+
+
+def _average_product(values, weights):
+    p = np.asarray(weights, float) / np.sum(weights)
+    return sum(pk * v[B] @ v[A] for pk, v in zip(p, values, strict=True))
+
+
+def test_fedex_residual_makes_the_global_product_the_average_product():
+    from haflq_flower.lora.aggregate import client_values, fedex_residual
+
+    glob, ups, values = _clients_full()
+    averaged, residual = fedex_residual(glob, ups)
+    # the factors are FedIT's average of the clients' values
+    fedit = weighted_average(values, [u.weight for u in ups])
+    np.testing.assert_allclose(averaged[A], fedit[A], rtol=1e-6)
+    np.testing.assert_allclose(averaged[B], fedit[B], rtol=1e-6)
+    b_res, a_res = residual[M]
+    assert b_res.shape == (D_OUT, 4 * R) and a_res.shape == (4 * R, D_IN)
+    product = averaged[B].astype(np.float64) @ averaged[A] + b_res @ a_res
+    np.testing.assert_allclose(product, _average_product(values, [3, 1, 2]), atol=1e-5)
+    # heterogeneous ranks (the first r_k components): zero-padded averages, still exact
+    hetero = [_upload(3.0, [0, 1], 1), _upload(1.0, range(R), 2), _upload(2.0, [0], 3)]
+    averaged, residual = fedex_residual(glob, hetero)
+    values = [client_values(glob, up) for up in hetero]
+    product = averaged[B].astype(np.float64) @ averaged[A] + residual[M][0] @ residual[M][1]
+    np.testing.assert_allclose(product, _average_product(values, [3, 1, 2]), atol=1e-5)
+
+
+def test_fair_correction_without_regularizer_projects_onto_the_row_space_of_a_bar():
+    from haflq_flower.lora.aggregate import fair_correction
+
+    glob, ups, values = _clients_full()
+    target = _average_product(values, [3, 1, 2])
+    out = fair_correction(glob, ups, regularizer=0.0)
+    a_bar = out[A].astype(np.float64)  # A stays the average
+    np.testing.assert_allclose(a_bar, weighted_average(values, [3, 1, 2])[A], rtol=1e-6)
+    # R = 4 rows in d_in = 3: not of full row rank, so the projection uses the
+    # pseudo-inverse (with full row rank it is A^T (A A^T)^-1 A)
+    projection = target @ np.linalg.pinv(a_bar) @ a_bar
+    np.testing.assert_allclose(out[B].astype(np.float64) @ a_bar, projection, atol=1e-4)
+    # the correction only helps: closer to the average product than FedIT's B_bar A_bar
+    b_bar = weighted_average(values, [3, 1, 2])[B].astype(np.float64)
+    fedit_err = np.linalg.norm(b_bar @ a_bar - target)
+    assert np.linalg.norm(out[B] @ a_bar - target) < fedit_err
+    # a huge regularizer keeps B at the average; a negative one is refused
+    np.testing.assert_allclose(fair_correction(glob, ups, 1e9)[B], b_bar, atol=1e-5)
+    with pytest.raises(ValueError, match="regularizer"):
+        fair_correction(glob, ups, -1.0)
+
+
+def test_aggregation_residual_known_answers():
+    from haflq_flower.lora.aggregate import fedex_residual
+    from haflq_flower.lora.residual import aggregation_residual, global_pairs
+
+    glob, ups, values = _clients_full()
+    weights = [u.weight for u in ups]
+    target = _average_product(values, weights)
+    fedit = weighted_average(values, weights)
+    expected = np.linalg.norm(target - fedit[B].astype(np.float64) @ fedit[A]) / np.linalg.norm(
+        target
+    )
+    got = aggregation_residual(values, weights, global_pairs(fedit))
+    assert got == pytest.approx(expected, rel=1e-6) and got > 0.05
+    # FedEx-LoRA: the factors plus the merged residual are exact
+    averaged, residual = fedex_residual(glob, ups)
+    exact = {M: [(averaged[B], averaged[A]), residual[M]]}
+    assert aggregation_residual(values, weights, exact) < 1e-6
+    # one client: FedIT is exact too; all-zero products: undefined
+    assert aggregation_residual(values[:1], [1.0], global_pairs(values[0])) < 1e-6
+    zero = OrderedDict((k, np.zeros_like(v)) for k, v in values[0].items())
+    assert np.isnan(aggregation_residual([zero], [1.0], global_pairs(zero)))

@@ -285,6 +285,8 @@ def test_truncating_peers_train_first_r_k_and_upload_fp32(tmp_path, name):
         up = [by_tier[t]["bytes_up"] for t in ("low", "mid", "high")]
         assert up[0] < up[1] < up[2]
         assert all(c["payload_bytes"] == 0 for c in r["clients"])  # fp32 arrays, no codec
+        # truncation and zero-padding: the global model is not the clients' average
+        assert r["aggregation_residual"] > 1e-3
 
 
 def test_flora_merges_every_round_and_the_server_evaluates_the_merged_model(tmp_path):
@@ -306,6 +308,8 @@ def test_flora_merges_every_round_and_the_server_evaluates_the_merged_model(tmp_
     }
     results = _simulate(overrides, 3)
     rounds = results["rounds"]
+    # stacking is exact: the merged model is the average of the clients' models
+    assert all(r["aggregation_residual"] < 1e-5 for r in rounds[1:])
     # every training message carries all past stacks: round 2 sends round 1's (rank
     # 2 + 4 + 8 = 14 per module) on top of the adapter
     assert rounds[2]["bytes_down"] > rounds[1]["bytes_down"]
@@ -445,3 +449,68 @@ def test_value_peers_rebuild_client_values_from_the_global_as_sent(bits):
     np.testing.assert_array_equal(new[A], expected)
     if bits == 16:  # the rounding is visible at float32 precision
         assert not np.array_equal(new[A], glob[A] + up.delta[A])
+
+
+def test_fedex_lora_merges_the_exact_residual_and_peft_reproduces_the_model(tmp_path):
+    """FedEx-LoRA on three tiers (ranks 2, 4, 8): the global model is exactly the average
+    of the clients' models every round (residual 0), the residual rides in the merge
+    record (growing downlink), the next round starts from the averaged adapter (B != 0),
+    and the saved rank-expanded adapter reproduces the server's evaluation with PEFT."""
+    import torch
+    from peft import PeftModel
+
+    from haflq_flower.checkpoint import load_checkpoint
+    from haflq_flower.config import parse_run_config
+    from haflq_flower.data import load_task
+    from haflq_flower.model import load_base_model
+    from haflq_flower.server_app import _evaluate_rows
+
+    from .conftest import TINY
+    from .test_simulation import _simulate
+
+    overrides = {
+        **TINY,
+        "strategy.name": "fedex-lora",
+        "model.quantization": "none",
+        "output.dir": str(tmp_path),
+    }
+    results = _simulate(overrides, 3)
+    rounds = results["rounds"]
+    assert all(r["aggregation_residual"] < 1e-5 for r in rounds[1:])
+    assert rounds[2]["bytes_down"] > rounds[1]["bytes_down"]
+    ckpt = load_checkpoint(tmp_path)
+    b_keys = [k for k in ckpt.global_state if k.endswith(".lora_B.weight")]
+    assert all(ckpt.global_state[k].any() for k in b_keys)
+    # two rounds of residuals of rank (2 + 4 + 8) + 8, and the final adapter's 8
+    cfg = parse_run_config(overrides)
+    task = load_task(cfg.data)
+    base, tok = load_base_model(cfg.model, 2, torch.device("cpu"))
+    loaded = PeftModel.from_pretrained(base, results["final"]["adapter_dir"])
+    assert loaded.peft_config["default"].r == 2 * 22 + 8
+    peft = _evaluate_rows(cfg, loaded, tok, task.test, torch.device("cpu"), "peft")
+    assert peft.loss == pytest.approx(rounds[-1]["loss"], rel=1e-3)
+
+
+def test_lora_fair_corrects_b_and_ends_closer_to_the_average_than_fedit_trunc(tmp_path):
+    """Same clients, same seed: LoRA-FAIR's only difference from FedIT-trunc is the
+    server's correction of B, which lowers the aggregation residual of round 1 (the
+    rounds after differ in their starting point)."""
+    from .conftest import TINY
+    from .test_simulation import _simulate
+
+    runs = {
+        name: _simulate({**TINY, "strategy.name": name, "output.dir": str(tmp_path / name)}, 3)
+        for name in ("lora-fair", "fedit-trunc")
+    }
+    fair, trunc = (
+        runs[n]["rounds"][1]["aggregation_residual"] for n in ("lora-fair", "fedit-trunc")
+    )
+    assert 0.0 <= fair < trunc
+    # no extra communication: the same bytes each way
+    assert (
+        runs["lora-fair"]["rounds"][1]["bytes_up"] == runs["fedit-trunc"]["rounds"][1]["bytes_up"]
+    )
+    assert (
+        runs["lora-fair"]["rounds"][1]["bytes_down"]
+        == runs["fedit-trunc"]["rounds"][1]["bytes_down"]
+    )

@@ -11,6 +11,9 @@
 - :func:`aggregate_flexlora`: FlexLoRA's SVD of the aggregated full-size update.
 - :func:`stack_flora`: FLoRA's stacking of client factors (exact).
 - :func:`aggregate_ffa`: FFA-LoRA's average of B with A frozen (exact).
+- :func:`fedex_residual`: FedEx-LoRA's averaged factors plus the residual merged into
+  the base (exact).
+- :func:`fair_correction`: LoRA-FAIR's server-side correction of the averaged B.
 
 Every function computes in float64 and returns float32 arrays.
 """
@@ -161,6 +164,20 @@ def client_values(global_state: LoraState, up: ComponentUpload) -> LoraState:
     return v
 
 
+def apply_deltas(global_state: LoraState, up: ComponentUpload) -> LoraState:
+    """The client's full-rank LoRA factors: every global component, the uploaded ones
+    moved by their deltas (HAFLQ's freeze mode: the rest stayed frozen), float64."""
+    v: LoraState = OrderedDict()
+    for m in lora_modules(global_state):
+        idx = up.selection[m]
+        a = global_state[a_key(m)].astype(np.float64)
+        b = global_state[b_key(m)].astype(np.float64)
+        a[idx, :] += up.delta[a_key(m)]
+        b[:, idx] += up.delta[b_key(m)]
+        v[a_key(m)], v[b_key(m)] = a, b
+    return v
+
+
 def fedavg_head(
     global_state: LoraState, uploads: Sequence[ComponentUpload], out: LoraState
 ) -> LoraState:
@@ -285,6 +302,73 @@ def stack_flora(
     return stacks
 
 
+def fedex_residual(
+    global_state: LoraState, uploads: Sequence[ComponentUpload]
+) -> tuple[LoraState, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """FedEx-LoRA (Singhal et al., ACL 2025): FedIT's averaged factors and the residual
+    that makes the global model exact.
+
+    Returns the averaged state (``A_bar = sum_k p_k A_k``, ``B_bar = sum_k p_k B_k``, the
+    head FedAvg'd) and, per module, the residual ``sum_k p_k B_k A_k - B_bar A_bar`` in
+    factored form ``(B_res, A_res)`` with ``B_res = [B_1 ... B_K  B_bar]`` and
+    ``A_res = [p_1 A_1; ...; p_K A_K; -A_bar]``, so that
+    ``B_bar A_bar + B_res A_res = sum_k p_k B_k A_k`` exactly. Clients merge
+    ``s B_res A_res`` into their base weights. The paper's clients all hold rank R; with
+    heterogeneous ranks (client k trains the first r_k components) the averages are
+    zero-padded, as in FedIT-trunc, and the identity still holds exactly.
+    """
+    if not uploads:
+        raise ValueError("fedex_residual needs at least one upload")
+    averaged = aggregate_padded_values(global_state, uploads, "examples")
+    residual = {}
+    for m, (b_stack, a_stack) in stack_flora(global_state, uploads).items():
+        b_bar = averaged[b_key(m)].astype(np.float64)
+        a_bar = averaged[a_key(m)].astype(np.float64)
+        residual[m] = (np.concatenate([b_stack, b_bar], axis=1), np.concatenate([a_stack, -a_bar]))
+    return averaged, residual
+
+
+def fair_correction(
+    global_state: LoraState, uploads: Sequence[ComponentUpload], regularizer: float
+) -> LoraState:
+    """LoRA-FAIR (ICCV 2025): FedIT's averaged factors with B corrected on the server.
+
+    Per module, with ``P = sum_k p_k B_k A_k`` and the averages ``A_bar``, ``B_bar``:
+    ``dB = argmin ||(B_bar + dB) A_bar - P||_F^2 + lam ||dB||_F^2``
+    ``= (P - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam I)^-1``, and the global B is
+    ``B_bar + dB`` (A stays ``A_bar``; no extra communication). ``lam`` is
+    ``regularizer`` times the mean eigenvalue of ``A_bar A_bar^T`` (scale-free; 0 = plain
+    least squares, whose corrected product is P projected onto A_bar's row space).
+    ``P A_bar^T = sum_k p_k B_k (A_k A_bar^T)`` is formed without the d_out x d_in P.
+    """
+    if regularizer < 0:
+        raise ValueError(f"regularizer must be >= 0, got {regularizer}")
+    averaged = aggregate_padded_values(global_state, uploads, "examples")
+    p = _normalized([u.weight for u in uploads])
+    values = [client_values(global_state, up) for up in uploads]
+    out = OrderedDict(averaged)
+    for m in lora_modules(global_state):
+        a_bar = averaged[a_key(m)].astype(np.float64)
+        b_bar = averaged[b_key(m)].astype(np.float64)
+        rank = a_bar.shape[0]
+        pa = np.zeros_like(b_bar)
+        for pk, up, v in zip(p, uploads, values, strict=True):
+            # the client's factors at their global positions (zeros where it held none)
+            a_full = np.zeros_like(a_bar)
+            b_full = np.zeros_like(b_bar)
+            a_full[up.selection[m], :] = v[a_key(m)]
+            b_full[:, up.selection[m]] = v[b_key(m)]
+            pa += pk * b_full @ (a_full @ a_bar.T)
+        gram = a_bar @ a_bar.T
+        lam = regularizer * np.trace(gram) / rank
+        rhs = pa - b_bar @ gram  # (P - B_bar A_bar) A_bar^T
+        system = gram + lam * np.eye(rank)
+        # lstsq: a rank-deficient A_bar (e.g. zero rows before training) stays finite
+        delta_b = np.linalg.lstsq(system.T, rhs.T, rcond=None)[0].T
+        out[b_key(m)] = (b_bar + delta_b).astype(np.float32)
+    return out
+
+
 def aggregate_ffa(
     global_state: LoraState, states: Sequence[LoraState], weights: Sequence[float]
 ) -> LoraState:
@@ -309,12 +393,15 @@ __all__ = [
     "Selection",
     "ZERO_PAD",
     "aggregate_components",
+    "apply_deltas",
     "aggregate_ffa",
     "aggregate_flexlora",
     "aggregate_hetlora",
     "aggregate_padded_values",
     "client_values",
     "component_counts",
+    "fair_correction",
+    "fedex_residual",
     "hetlora_weights",
     "stack_flora",
     "svd_of_product",

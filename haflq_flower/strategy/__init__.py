@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from .base import ClientUpdate, LoRAStrategy, ReplyError, RoundStats
 from .blocks import BlockPlanner
+from .fair import LoRAFAIR
+from .fedex import FedExLoRA
 from .fedit import FedIT
 from .ffa import FFALoRA
 from .flexlora import FlexLoRA
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
     from ..config import RunConfig
 
 STRATEGIES: dict[str, type[LoRAStrategy]] = {
+    "fedex-lora": FedExLoRA,
     "fedit": FedIT,
     "fedit-trunc": FedITTruncated,
     "ffa-lora": FFALoRA,
@@ -25,6 +28,7 @@ STRATEGIES: dict[str, type[LoRAStrategy]] = {
     "flora": FLoRA,
     "haflq": HAFLQStrategy,
     "hetlora": HetLoRA,
+    "lora-fair": LoRAFAIR,
 }
 
 
@@ -109,6 +113,7 @@ def build_strategy(cfg: RunConfig) -> LoRAStrategy:
 __all__ = [
     "BlockPlanner",
     "ClientUpdate",
+    "FedExLoRA",
     "FedIT",
     "FedITTruncated",
     "FFALoRA",
@@ -116,6 +121,7 @@ __all__ = [
     "FlexLoRA",
     "HAFLQStrategy",
     "HetLoRA",
+    "LoRAFAIR",
     "LoRAStrategy",
     "ReplyError",
     "RoundStats",

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..config import ConfigError, RunConfig
+from ..lora.residual import aggregation_residual, global_pairs
 from ..lora.robust import clip_scales, clip_weights, state_norm
 from ..lora.state import (
     LoraState,
@@ -488,6 +489,9 @@ class LoRAStrategy(Strategy):
             return None, None
         stats.extra["update"] = "applied"
         stats.strategy_s += time.perf_counter() - start
+        # a diagnostic, timed apart from the strategy: how far the new global model is
+        # from the average of the clients' models (docs/algorithms.md)
+        stats.extra["aggregation_residual"] = self._residual(server_round, updates, new_state)
         total = sum(u.num_examples for u in updates)
         loss = (
             sum(
@@ -499,6 +503,35 @@ class LoRAStrategy(Strategy):
         )
         metrics = MetricRecord({"train-loss": loss, NUM_EXAMPLES: total, "clients": len(updates)})
         return to_array_record(new_state), metrics
+
+    def client_factors(self, global_state: LoraState, update: ClientUpdate) -> LoraState:
+        """The LoRA factors the client's own model ended the round with (frozen
+        components included), for the aggregation residual. Default: the reply is the
+        client's whole adapter (FedIT)."""
+        return update.payload
+
+    def applied_pairs(
+        self, server_round: int, new_state: LoraState
+    ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+        """Per module, the (B, A) pairs whose products make the new global update: the
+        global adapter's own factors; FLoRA and FedEx-LoRA add what they merge into the
+        base this round."""
+        return global_pairs(new_state)
+
+    def _residual(
+        self, server_round: int, updates: list[ClientUpdate], new_state: LoraState
+    ) -> float | None:
+        try:
+            clients = [self.client_factors(self._global, u) for u in updates]
+            value = aggregation_residual(
+                clients,
+                [float(u.num_examples) for u in updates],
+                self.applied_pairs(server_round, new_state),
+            )
+        except (ValueError, KeyError, IndexError) as err:  # a diagnostic never ends a round
+            log.warning("round %d: no aggregation residual (%s)", server_round, err)
+            return None
+        return value if np.isfinite(value) else None
 
     def _usable_updates(self, replies: list[Message], stats: RoundStats) -> list[ClientUpdate]:
         """Validated updates in a fixed order (partition, then node): floating-point sums

@@ -48,6 +48,13 @@ class FFALoRA(FedIT):
         check_state(expected, state, self.value_limit())
         return OrderedDict((k, v.astype(np.float32)) for k, v in state.items())
 
+    def client_factors(self, global_state: LoraState, update: ClientUpdate) -> LoraState:
+        """The client's B and the shared, frozen A."""
+        return OrderedDict(
+            (k, global_state[k] if k.endswith(A_SUFFIX) else update.payload[k])
+            for k in global_state
+        )
+
     def aggregate(
         self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:

@@ -52,12 +52,21 @@ class FLoRA(HetLoRA):
     def check_run_config(cls, cfg: RunConfig) -> None:
         if cfg.model.quantization != "none" or cfg.strategy.blocks.enabled:
             raise ConfigError(
-                "strategy.name=flora merges every round's stacked adapters into the base "
+                f"{cls.__name__} merges every round's factors into the base "
                 "weights, so it needs a 16-bit base: a quantized base would be re-quantized "
                 f"every round (model.quantization={cfg.model.quantization!r}, "
                 f"blocks.precision={cfg.strategy.blocks.precision!r}). Set "
                 'model.quantization="none" and blocks.precision="off".'
             )
+
+    def applied_pairs(
+        self, server_round: int, new_state: LoraState
+    ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+        """The next round's adapter plus what this round merged into the base."""
+        pairs = super().applied_pairs(server_round, new_state)
+        for m, stack in self.stacks.items():
+            pairs[m] = [*pairs.get(m, []), stack[-1]]
+        return pairs
 
     def base_merge(self) -> LoraState | None:
         """All stacks so far, concatenated per module (B: d_out x H, A: H x d_in)."""

@@ -35,6 +35,8 @@ from ..lora.aggregate import (
     AGGREGATIONS,
     ComponentUpload,
     aggregate_components,
+    apply_deltas,
+    client_values,
     component_counts,
 )
 from ..lora.components import (
@@ -55,7 +57,7 @@ from ..lora.state import (
     record_dict_bytes,
     to_array_record,
 )
-from ..lora.view import FREEZE, MODES
+from ..lora.view import FREEZE, MODES, TRUNCATE
 from ..profiles import ClientProfile, ProfileError
 from ..quant.blocks import pattern_to_str
 from ..quant.channel import round_budget_bits, shannon_rate_bps
@@ -570,6 +572,26 @@ class HAFLQStrategy(LoRAStrategy):
         return delta_from_components(
             keys, a, b, head, list(self.importance.modules), layout.module_dims
         )
+
+    def received_global(self, global_state: LoraState) -> LoraState:
+        """The global state as a client decoded it: rounded to float16 with the 16-bit
+        downlink (with the 8-bit downlink the float32 global approximates it)."""
+        if self.downlink_bits != 16:
+            return global_state
+        return OrderedDict(
+            (k, v.astype(np.float16).astype(np.float32)) for k, v in global_state.items()
+        )
+
+    def client_factors(self, global_state: LoraState, update: ClientUpdate) -> LoraState:
+        """freeze: all R global components with the trained ones moved by their deltas;
+        truncate: the r_k components the client held (both from the global as received)."""
+        global_state = self.received_global(global_state)
+        up = ComponentUpload(
+            float(update.num_examples), update.payload.selection, update.payload.delta
+        )
+        if self.mode == TRUNCATE:
+            return client_values(global_state, up)
+        return apply_deltas(global_state, up)
 
     def aggregate(
         self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
-import numpy as np
-
 from ..lora.aggregate import ComponentUpload, aggregate_hetlora, aggregate_padded_values
 from ..lora.components import Selection, first_selection
 from ..lora.state import LoraState
@@ -38,11 +34,7 @@ class HetLoRA(HAFLQStrategy):
         deltas, so with the 16-bit downlink the global is rounded to float16 first (with
         the 8-bit downlink the float32 global is used: an approximation of what the
         client decoded)."""
-        if self.downlink_bits == 16:
-            global_state = OrderedDict(
-                (k, v.astype(np.float16).astype(np.float32)) for k, v in global_state.items()
-            )
-        return super().aggregate(server_round, global_state, updates)
+        return super().aggregate(server_round, self.received_global(global_state), updates)
 
     def aggregate_lora(
         self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
