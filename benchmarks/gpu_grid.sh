@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 18 part 6: the head-to-head grid of benchmarks/head_to_head.py (Rotten Tomatoes and
-# 20 Newsgroups, 12 arms each, seed 0) on the lent GPU machine (one H200, 16 cores,
+# 20 Newsgroups, 14 arms each since FedEx-LoRA and LoRA-FAIR joined, seed 0) on the lent GPU machine (one H200, 16 cores,
 # 128 GiB; Python 3.12 with torch, transformers and peft, no flwr or ray, no network),
 # through the real `flwr run` and Flower's Ray simulation as on the CPU: the two tasks run
 # at once, each `compare --parallel GRID_PARALLEL` (arms as separate launcher processes,
