@@ -189,7 +189,7 @@ def _quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
 
 
 def disable_bnb_cpu_repack(model: torch.nn.Module) -> int:
-    """Work around the bitsandbytes CPU repacking bug (see docs/ENVIRONMENT notes).
+    """Work around the bitsandbytes CPU repacking bug (bitsandbytes 0.50, measured by us).
 
     On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight on the first eval-mode
     no-grad forward; afterwards LoRA gets no gradients. Turning the fast path off on

@@ -113,3 +113,21 @@ def test_start_evaluates_round_0_only_for_a_fresh_run():
             **kwargs,
         )
         assert seen == expected, kwargs
+
+
+def test_mean_train_loss_skips_missing_losses_instead_of_counting_zero():
+    from haflq_flower.strategy.base import ClientUpdate, mean_train_loss
+
+    def update(n, metrics):
+        return ClientUpdate(node_id=n, payload=None, num_examples=n, metrics=metrics)
+
+    ups = [update(1, {"train-loss": 2.0}), update(3, {"train-loss": 1.0}), update(4, {})]
+    assert mean_train_loss(ups) == (1 * 2.0 + 3 * 1.0) / 4
+    assert np.isnan(mean_train_loss([update(2, {"train-loss": float("nan")})]))
+
+
+def test_block_planner_defaults_to_the_run_configs_salience_metric():
+    from haflq_flower.config import DEFAULTS
+    from haflq_flower.strategy import BlockPlanner
+
+    assert BlockPlanner().metric == DEFAULTS["blocks.salience-metric"]

@@ -1,5 +1,5 @@
 """Uplink channel model: Shannon rate with distance-based path loss, and the per-round bit
-budget ``C_k = rate_k * tau`` (DESIGN.md, "Channel and bit budget").
+budget ``C_k = rate_k * tau`` (docs/algorithms.md, "Channel and uplink budget").
 
     PL(d) = 128.1 + 37.6 * log10(d / km)   [dB]
     g     = 10 ** (-PL / 10)

@@ -31,7 +31,6 @@ import numpy as np
 from ..lora.components import a_key, b_key, other_keys
 
 WIDTHS = (16, 8, 4, 2)
-QUANT_WIDTHS = (8, 4, 2)
 FORMAT_VERSION = 1
 INDEX_BYTES = 8  # (module, component) as two int32
 VECTOR_HEADER_BYTES = 8  # lo and scale as two float32 per vector

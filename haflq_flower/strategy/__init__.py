@@ -94,6 +94,8 @@ def build_strategy(cfg: RunConfig) -> LoRAStrategy:
             downlink_bits=payload.downlink_bits,
             channel=cfg.strategy.channel,
             max_uplink_bps=cfg.strategy.max_uplink_bps,
+            # profile and block-salience queries wait as long as a training round
+            query_timeout=cfg.strategy.round_timeout,
             max_memory_mb=cfg.strategy.max_memory_mb,
             score_clip=cfg.strategy.score_clip,
             blocks=BlockPlanner(

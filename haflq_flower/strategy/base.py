@@ -493,14 +493,7 @@ class LoRAStrategy(Strategy):
         # from the average of the clients' models (docs/algorithms.md)
         stats.extra["aggregation_residual"] = self._residual(server_round, updates, new_state)
         total = sum(u.num_examples for u in updates)
-        loss = (
-            sum(
-                u.num_examples * u.metrics.get("train-loss", 0.0)
-                for u in updates
-                if np.isfinite(u.metrics.get("train-loss", 0.0))
-            )
-            / total
-        )
+        loss = mean_train_loss(updates)
         metrics = MetricRecord({"train-loss": loss, NUM_EXAMPLES: total, "clients": len(updates)})
         return to_array_record(new_state), metrics
 
@@ -708,6 +701,18 @@ def check_global(state: LoraState, limit: float) -> None:
         raise AggregationError(
             f"the aggregate leaves the range +-{limit:.4g} of the global state's float type"
         )
+
+
+def mean_train_loss(updates: list[ClientUpdate]) -> float:
+    """The n_k-weighted mean of the clients' reported training losses, over the clients
+    that reported a finite one (a missing loss is not a loss of 0); NaN if none did."""
+    known = [
+        (u.num_examples, u.metrics["train-loss"])
+        for u in updates
+        if np.isfinite(u.metrics.get("train-loss", float("nan")))
+    ]
+    weight = sum(n for n, _ in known)
+    return sum(n * loss for n, loss in known) / weight if weight > 0 else float("nan")
 
 
 def _number(metrics: dict[str, Any], key: str, kind: type, default: Any) -> Any:

@@ -60,7 +60,7 @@ class BlockPlanner:
     def __init__(
         self,
         precision: str = "off",
-        metric: str = "quantization",
+        metric: str = "recovery",
         calibration_rows: int = 16,
         calibration_clients: int = 2,
         seed: int = 0,
