@@ -26,8 +26,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .components import A_SUFFIX, B_SUFFIX, Selection, a_key, b_key, lora_modules, other_keys
-from .state import LoraState
+from .components import (
+    A_SUFFIX,
+    B_SUFFIX,
+    LoraState,
+    Selection,
+    a_key,
+    b_key,
+    lora_modules,
+    other_keys,
+)
 
 ADAPTIVE = "adaptive"
 ZERO_PAD = "zero-pad"

@@ -19,7 +19,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .state import LoraState
+# An adapter state: PEFT state-dict keys -> numpy arrays (defined here, free of torch,
+# PEFT and Flower, so that the pure math can name it; lora/state.py converts it).
+LoraState = dict[str, np.ndarray]
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"

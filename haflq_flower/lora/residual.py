@@ -22,8 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .components import a_key, b_key, lora_modules
-from .state import LoraState
+from .components import LoraState, a_key, b_key, lora_modules
 
 Pairs = Sequence[tuple[np.ndarray, np.ndarray]]
 

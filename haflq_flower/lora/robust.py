@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .state import LoraState
+from .components import LoraState
 
 
 def state_norm(state: Mapping[str, np.ndarray]) -> float:

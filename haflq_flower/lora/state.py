@@ -16,8 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..untrusted import FLOAT32_MAX, within
-
-LoraState = dict[str, np.ndarray]
+from .components import LoraState
 
 
 class StateMismatchError(ValueError):

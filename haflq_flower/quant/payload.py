@@ -464,14 +464,10 @@ def encode_downlink(
     modules: Sequence[str],
     rng: np.random.Generator,
 ):
-    """An 8-bit downlink record: every sent component at 8 bits, the head in float16."""
-    from ..lora.state import to_array_record
-
+    """The arrays of an 8-bit downlink record: every sent component at 8 bits, the head in
+    float16 (the strategy wraps them in an ArrayRecord)."""
     components, head_keys = components_from_delta(sub, selection, modules)
-    arrays = encode(
-        components, np.full(len(components.keys), 8), {k: sub[k] for k in head_keys}, rng
-    )
-    return to_array_record(arrays)
+    return encode(components, np.full(len(components.keys), 8), {k: sub[k] for k in head_keys}, rng)
 
 
 def decode_downlink(

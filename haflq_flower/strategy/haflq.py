@@ -452,11 +452,13 @@ class HAFLQStrategy(LoRAStrategy):
         arrays = gather(global_state, sent)
         records: dict[str, ArrayRecord] = {}
         if self.downlink_bits == 8:
-            records[DOWN_KEY] = encode_downlink(
-                arrays,
-                sent,
-                list(self.importance.modules),
-                self._downlink_rng(server_round, node_id),
+            records[DOWN_KEY] = to_array_record(
+                encode_downlink(
+                    arrays,
+                    sent,
+                    list(self.importance.modules),
+                    self._downlink_rng(server_round, node_id),
+                )
             )
         else:
             if self.downlink_bits == 16:
