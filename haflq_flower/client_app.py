@@ -41,20 +41,35 @@ from .quant.blocks import pattern_from_str, pattern_to_str
 from .quant.mixed import base_weight_bytes
 from .quant.payload import components_from_delta, decode_downlink, encode_within_budget
 from .quant.salience import block_salience
-from .strategy.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
-from .strategy.blocks import SALIENCE_KEY
-from .strategy.ffa import FREEZE_A, trainable_part
-from .strategy.flora import MERGE_KEY
-from .strategy.haflq import (
+from .strategy.ffa import trainable_part
+from .train import TrainResult, evaluate, train_local
+from .wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
     DOWN_KEY,
+    EXAMPLES_SEEN,
+    FREEZE_A,
+    LOAD_S,
+    MERGE_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    OPTIMIZER_STATE_BYTES,
+    PARTITION_ID,
     PAYLOAD_KEY,
+    PEAK_MEM_BYTES,
     PROFILE_KEY,
+    RAY_NODE,
+    SALIENCE_KEY,
     SCORES_KEY,
     SELECTION_KEY,
+    STEPS,
+    TRAIN_LOSS,
+    TRAIN_S,
+    TRAINABLE_PARAMS,
+    WEIGHT_BYTES,
     record_to_arrays,
     selection_to_record,
 )
-from .train import TrainResult, evaluate, train_local
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +184,17 @@ def ray_node_tag() -> int:
 def _train_metrics(num_rows: int, result: TrainResult) -> MetricRecord:
     return MetricRecord(
         {
-            "ray-node": ray_node_tag(),
+            RAY_NODE: ray_node_tag(),
             # FedAvg weight n_k: the size of the local dataset (not the examples seen, which
             # is steps x batch and the same for every client).
             NUM_EXAMPLES: num_rows,
-            "examples-seen": result.num_examples,
-            "train-loss": result.loss,
-            "train-s": result.train_s,
-            "steps": result.steps,
-            "peak-mem-bytes": result.peak_mem_bytes,
-            "trainable-params": result.trainable_params,
-            "optimizer-state-bytes": result.optimizer_state_bytes,
+            EXAMPLES_SEEN: result.num_examples,
+            TRAIN_LOSS: result.loss,
+            TRAIN_S: result.train_s,
+            STEPS: result.steps,
+            PEAK_MEM_BYTES: result.peak_mem_bytes,
+            TRAINABLE_PARAMS: result.trainable_params,
+            OPTIMIZER_STATE_BYTES: result.optimizer_state_bytes,
         }
     )
 
@@ -245,9 +260,9 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         )
     metrics = _train_metrics(len(frame), result)
     metrics.update(extra_metrics)
-    metrics["partition-id"] = pid
-    metrics["weight-bytes"] = base_weight_bytes(model)
-    metrics["load-s"] = _LAST_LOAD_S
+    metrics[PARTITION_ID] = pid
+    metrics[WEIGHT_BYTES] = base_weight_bytes(model)
+    metrics[LOAD_S] = _LAST_LOAD_S
     reply = RecordDict({**records, METRICS_KEY: metrics})
     return Message(content=reply, reply_to=msg)
 

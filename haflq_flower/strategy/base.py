@@ -34,13 +34,24 @@ from ..lora.state import (
     to_array_record,
 )
 from ..untrusted import FLOAT32_MAX, all_within, printable
+from ..wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    LOAD_S,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    OPTIMIZER_STATE_BYTES,
+    PARTITION_ID,
+    PEAK_MEM_BYTES,
+    RAY_NODE,
+    TRAIN_LOSS,
+    TRAIN_S,
+    TRAINABLE_PARAMS,
+    WEIGHT_BYTES,
+)
 
 log = logging.getLogger(__name__)
 
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
-NUM_EXAMPLES = "num-examples"
 # Client statuses in results.json (``sent`` until the round's replies are in).
 STATUS_OK, STATUS_REJECTED, STATUS_ERROR, STATUS_NO_REPLY = "ok", "rejected", "error", "no reply"
 
@@ -431,15 +442,15 @@ class LoRAStrategy(Strategy):
         client.bytes_up = record_dict_bytes(content)
         client.num_examples = num_examples
         # Informational metrics: a malformed one is recorded as missing, never fatal.
-        client.train_s = _number(metrics, "train-s", float, 0.0)
-        client.load_s = _number(metrics, "load-s", float, 0.0)
-        client.train_loss = _number(metrics, "train-loss", float, float("nan"))
-        client.peak_mem_bytes = _number(metrics, "peak-mem-bytes", int, 0)
-        client.trainable_params = _number(metrics, "trainable-params", int, 0)
-        client.partition = _number(metrics, "partition-id", int, -1)
-        client.optimizer_state_bytes = _number(metrics, "optimizer-state-bytes", int, 0)
-        client.weight_bytes = _number(metrics, "weight-bytes", int, 0)
-        tag = _number(metrics, "ray-node", int, 0)
+        client.train_s = _number(metrics, TRAIN_S, float, 0.0)
+        client.load_s = _number(metrics, LOAD_S, float, 0.0)
+        client.train_loss = _number(metrics, TRAIN_LOSS, float, float("nan"))
+        client.peak_mem_bytes = _number(metrics, PEAK_MEM_BYTES, int, 0)
+        client.trainable_params = _number(metrics, TRAINABLE_PARAMS, int, 0)
+        client.partition = _number(metrics, PARTITION_ID, int, -1)
+        client.optimizer_state_bytes = _number(metrics, OPTIMIZER_STATE_BYTES, int, 0)
+        client.weight_bytes = _number(metrics, WEIGHT_BYTES, int, 0)
+        tag = _number(metrics, RAY_NODE, int, 0)
         client.ray_node = f"{tag:012x}" if 0 < tag < 2**48 else ""
         client.status = STATUS_OK
         stats.bytes_up += client.bytes_up
@@ -494,7 +505,7 @@ class LoRAStrategy(Strategy):
         stats.extra["aggregation_residual"] = self._residual(server_round, updates, new_state)
         total = sum(u.num_examples for u in updates)
         loss = mean_train_loss(updates)
-        metrics = MetricRecord({"train-loss": loss, NUM_EXAMPLES: total, "clients": len(updates)})
+        metrics = MetricRecord({TRAIN_LOSS: loss, NUM_EXAMPLES: total, "clients": len(updates)})
         return to_array_record(new_state), metrics
 
     def client_factors(self, global_state: LoraState, update: ClientUpdate) -> LoraState:
@@ -707,9 +718,9 @@ def mean_train_loss(updates: list[ClientUpdate]) -> float:
     """The n_k-weighted mean of the clients' reported training losses, over the clients
     that reported a finite one (a missing loss is not a loss of 0); NaN if none did."""
     known = [
-        (u.num_examples, u.metrics["train-loss"])
+        (u.num_examples, u.metrics[TRAIN_LOSS])
         for u in updates
-        if np.isfinite(u.metrics.get("train-loss", float("nan")))
+        if np.isfinite(u.metrics.get(TRAIN_LOSS, float("nan")))
     ]
     weight = sum(n for n, _ in known)
     return sum(n * loss for n, loss in known) / weight if weight > 0 else float("nan")

@@ -28,12 +28,10 @@ from ..quant.blocks import (
     uniform_pattern,
 )
 from ..untrusted import FLOAT32_MAX, printable, within
+from ..wire import SALIENCE_KEY, SALIENCE_QUERY
 from .base import CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
 
 log = logging.getLogger(__name__)
-
-SALIENCE_QUERY = "query.salience"
-SALIENCE_KEY = "salience"
 
 
 class SalienceError(RuntimeError):

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from ..lora.aggregate import aggregate_ffa
 from ..lora.components import A_SUFFIX
 from ..lora.state import LoraState, check_state, from_array_record
+from ..wire import FREEZE_A
 from .base import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -20,8 +21,6 @@ from .base import (
     state_record_limit,
 )
 from .fedit import FedIT
-
-FREEZE_A = "freeze-a"
 
 
 class FFALoRA(FedIT):

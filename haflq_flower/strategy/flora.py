@@ -15,10 +15,9 @@ from ..lora.aggregate import ComponentUpload, fedavg_head, stack_flora
 from ..lora.components import a_key, b_key, lora_modules
 from ..lora.state import LoraState, to_array_record
 from ..untrusted import FLOAT32_MAX
+from ..wire import MERGE_KEY
 from .base import ARRAYS_KEY, CONFIG_KEY, check_global
 from .hetlora import HetLoRA
-
-MERGE_KEY = "merge"
 
 
 class FLoRA(HetLoRA):

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from ..config import ChannelConfig, RunConfig
@@ -51,7 +50,6 @@ from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance, cli
 from ..lora.robust import scale_state
 from ..lora.state import (
     LoraState,
-    array_to_numpy,
     check_state,
     from_array_record,
     record_dict_bytes,
@@ -74,6 +72,16 @@ from ..quant.payload import (
     max_payload_bytes,
 )
 from ..untrusted import FLOAT16_MAX, FLOAT32_MAX, printable, within
+from ..wire import (
+    DOWN_KEY,
+    PAYLOAD_KEY,
+    PROFILE_KEY,
+    PROFILE_QUERY,
+    SCORES_KEY,
+    SELECTION_KEY,
+    record_to_arrays,
+    selection_to_record,
+)
 from .base import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -89,24 +97,7 @@ from .blocks import BlockPlanner
 
 log = logging.getLogger(__name__)
 
-PROFILE_QUERY = "query.profile"
-PROFILE_KEY = "profile"
-SELECTION_KEY = "selection"
-SCORES_KEY = "scores"
-PAYLOAD_KEY = "payload"
-DOWN_KEY = "down"  # an 8-bit downlink payload, in place of ``arrays``
 UPLINKS = ("adaptive", "fp16", "fp32")
-
-
-def selection_to_record(selection: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(
-        OrderedDict((m, Array(np.asarray(idx, dtype=np.int64))) for m, idx in selection.items())
-    )
-
-
-def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Arrays by name, each size-checked before allocation (:func:`array_to_numpy`)."""
-    return {name: array_to_numpy(arr) for name, arr in record.items()}
 
 
 @dataclass
