@@ -120,7 +120,10 @@ ARMS["haflq-fp32"] = {**ARMS["haflq"], "payload.uplink": "fp32"}
 
 
 def arm_overrides(arm: str, common: Mapping[str, Any]) -> dict[str, Any]:
-    """The run-config overrides of ``arm`` on top of ``common``."""
+    """The run-config overrides of ``arm`` on top of ``common``; an arm named by an import
+    path (``my_strategies:RoundRobin``) is that strategy with the common settings."""
+    if ":" in arm:
+        return {"strategy.name": arm}
     entry = ARMS[arm]
     return dict(entry(common) if callable(entry) else entry)
 
@@ -163,9 +166,12 @@ def run_grid(
     process (own SuperLink, own Ray) logging to ``<run dir>/launch.log``: for a GPU
     that several arms share (``--client-gpus``).
     """
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a not in ARMS and ":" not in a]
     if unknown:
-        raise SystemExit(f"error: unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+        raise SystemExit(
+            f"error: unknown arm(s) {unknown}; known: {', '.join(ARMS)}, or an import path "
+            "package.module:ClassName"
+        )
     dirs, jobs = [], []
     for seed in seeds:
         for arm in arms:

@@ -199,3 +199,15 @@ def test_head_to_head_preset_adds_the_claims_pair_only_when_both_arms_run():
     assert "--claims" not in part and part[part.index("--arms") + 1] == "bound-high,bound-low,haflq"
     assert h2h._flag(["--seeds", "0", "--arms", "a,b"], "--arms") == "a,b"
     assert h2h._flag(["--arms=c"], "--arms") == "c" and h2h._flag([], "--arms") is None
+
+
+def test_an_arm_named_by_import_path_runs_that_strategy(tmp_path, monkeypatch):
+    path = "tests.round_robin:RoundRobinSelection"
+    assert compare.arm_overrides(path, {}) == {"strategy.name": path}
+    calls = []
+    monkeypatch.setattr(compare.launch, "main", lambda argv: calls.append(argv) or 0)
+    compare.run_grid(tmp_path, [path], [0], {"num-server-rounds": 1}, 2)
+    config = calls[0][calls[0].index("--run-config") + 1]
+    assert f'strategy.name="{path}"' in config
+    with pytest.raises(SystemExit, match="import path"):
+        compare.run_grid(tmp_path, ["no-such-arm"], [0], {}, 2)
