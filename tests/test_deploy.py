@@ -9,6 +9,9 @@ import pytest
 
 from haflq_flower.deploy import COMPLETED, deploy
 
+# starts real processes (SuperLink, SuperNodes, Ray): `pytest -m "not slow"` skips it
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = (
     'model.name="tiny" strategy.name="haflq" num-server-rounds=2 data.test-per-class=20 '

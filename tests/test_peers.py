@@ -274,6 +274,7 @@ def test_frozen_a_trains_b_only(tiny_config):
 
 # ------------------------------------------------------- end to end (in-process Flower)
 @pytest.mark.parametrize("name", ["flexlora", "fedit-trunc"])
+@pytest.mark.slow
 def test_truncating_peers_train_first_r_k_and_upload_fp32(tmp_path, name):
     from .conftest import TINY
     from .test_simulation import _simulate
@@ -289,6 +290,7 @@ def test_truncating_peers_train_first_r_k_and_upload_fp32(tmp_path, name):
         assert r["aggregation_residual"] > 1e-3
 
 
+@pytest.mark.slow
 def test_flora_merges_every_round_and_the_server_evaluates_the_merged_model(tmp_path):
     import torch
 
@@ -355,6 +357,7 @@ def test_flora_merges_every_round_and_the_server_evaluates_the_merged_model(tmp_
     )
 
 
+@pytest.mark.slow
 def test_ffa_lora_keeps_a_at_the_shared_init_and_uploads_b_and_head(tmp_path, tiny_config):
     from haflq_flower.checkpoint import load_checkpoint
     from haflq_flower.lora.state import trainable_state
@@ -451,6 +454,7 @@ def test_value_peers_rebuild_client_values_from_the_global_as_sent(bits):
         assert not np.array_equal(new[A], glob[A] + up.delta[A])
 
 
+@pytest.mark.slow
 def test_fedex_lora_merges_the_exact_residual_and_peft_reproduces_the_model(tmp_path):
     """FedEx-LoRA on three tiers (ranks 2, 4, 8): the global model is exactly the average
     of the clients' models every round (residual 0), the residual rides in the merge
@@ -491,6 +495,7 @@ def test_fedex_lora_merges_the_exact_residual_and_peft_reproduces_the_model(tmp_
     assert peft.loss == pytest.approx(rounds[-1]["loss"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_lora_fair_corrects_b_and_ends_closer_to_the_average_than_fedit_trunc(tmp_path):
     """Same clients, same seed: LoRA-FAIR's only difference from FedIT-trunc is the
     server's correction of B, which lowers the aggregation residual of round 1 (the

@@ -11,6 +11,9 @@ from haflq_flower import compare, launch
 
 from .conftest import TINY
 
+# starts real processes (SuperLink, SuperNodes, Ray): `pytest -m "not slow"` skips it
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -17,6 +17,9 @@ from haflq_flower.checkpoint import CheckpointError, load_checkpoint
 
 from .conftest import TINY
 
+# starts real processes (SuperLink, SuperNodes, Ray): `pytest -m "not slow"` skips it
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 # Per client and round: everything but timings and memory, which are measurements.
 CLIENT_FIELDS = ("partition", "tier", "rank", "num_examples", "bytes_up", "bytes_down")

@@ -19,6 +19,9 @@ from haflq_flower.server_app import make_server_app
 
 from .conftest import TINY
 
+# starts real processes (SuperLink, SuperNodes, Ray): `pytest -m "not slow"` skips it
+pytestmark = pytest.mark.slow
+
 
 def _check_results(out, num_rounds: int, num_clients: int) -> dict:
     results = json.loads((out / "results.json").read_text())
