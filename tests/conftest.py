@@ -55,3 +55,16 @@ def tiny_config():
         )
 
     return make
+
+
+def launch_tiny(out, config: dict, num_supernodes: int = 2, *extra: str) -> int:
+    """The real launcher (`flwr run` on a private SuperLink, Ray simulation) on this app
+    with ``config`` as the run config, one CPU per client; returns its exit code."""
+    from pathlib import Path
+
+    from haflq_flower import compare, launch
+
+    app = Path(__file__).resolve().parents[1]
+    argv = ["--app", str(app), "--num-supernodes", str(num_supernodes), "--client-cpus", "1"]
+    argv += ["--output-dir", str(out), "--run-config", compare.config_string(config)]
+    return launch.main([*argv, "--timeout", "600", *extra])

@@ -3,18 +3,13 @@ second node on 127.0.0.1 (Ray's own ``cluster_utils.Cluster``, real raylets), th
 ``flwr run`` path through the launcher's ``--ray-address``, the tiny model."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from haflq_flower import compare, launch
-
-from .conftest import TINY
+from .conftest import TINY, launch_tiny
 
 # starts real processes (SuperLink, SuperNodes, Ray): `pytest -m "not slow"` skips it
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -38,24 +33,7 @@ def test_clients_train_on_more_than_one_ray_node(tmp_path, two_node_cluster, mon
     monkeypatch.setenv("RAY_ADDRESS", "")
     out = tmp_path / "run"
     config = {**TINY, "num-server-rounds": 2, "data.max-train-examples": 200}
-    code = launch.main(
-        [
-            "--app",
-            str(ROOT),
-            "--num-supernodes",
-            "4",
-            "--client-cpus",
-            "1",
-            "--ray-address",
-            two_node_cluster.address,
-            "--output-dir",
-            str(out),
-            "--run-config",
-            compare.config_string(config),
-            "--timeout",
-            "600",
-        ]
-    )
+    code = launch_tiny(out, config, 4, "--ray-address", two_node_cluster.address)
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["final"]["status"] == "completed"

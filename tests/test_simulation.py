@@ -10,14 +10,14 @@ from flwr.simulation import run_simulation
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from haflq_flower import compare, launch, predictions
+from haflq_flower import launch, predictions
 from haflq_flower.client_app import make_client_app
 from haflq_flower.config import parse_run_config
 from haflq_flower.model import resolve_model_path
 from haflq_flower.report import tier_rows
 from haflq_flower.server_app import make_server_app
 
-from .conftest import TINY
+from .conftest import TINY, launch_tiny
 
 # starts real processes (SuperLink, SuperNodes, Ray): `pytest -m "not slow"` skips it
 pytestmark = pytest.mark.slow
@@ -106,26 +106,7 @@ def app_dir():
 def test_flwr_run_against_private_superlink(tmp_path, app_dir):
     """`flwr run` with a SuperLink on a free port and its own FLWR_HOME, stopped by PID."""
     out = tmp_path / "run"
-    config = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in TINY.items())
-    code = launch.main(
-        [
-            "--app",
-            str(app_dir),
-            "--num-supernodes",
-            "2",
-            "--client-cpus",
-            "1",
-            "--flwr-home",
-            str(tmp_path / "flwr-home"),
-            "--output-dir",
-            str(out),
-            "--run-config",
-            config,
-            "--timeout",
-            "600",
-        ]
-    )
-    assert code == 0
+    assert launch_tiny(out, TINY, 2, "--flwr-home", str(tmp_path / "flwr-home")) == 0
     _check_results(out, num_rounds=2, num_clients=2)
     assert (tmp_path / "flwr-home" / "config.toml").exists()
 
@@ -297,23 +278,7 @@ def test_flwr_run_with_a_strategy_named_by_import_path(tmp_path, app_dir):
     and every ClientApp (other processes) resolve the user's class from the run config."""
     out = tmp_path / "run"
     config = {**TINY, "strategy.name": "tests.round_robin:RoundRobinSelection"}
-    code = launch.main(
-        [
-            "--app",
-            str(app_dir),
-            "--num-supernodes",
-            "2",
-            "--client-cpus",
-            "1",
-            "--output-dir",
-            str(out),
-            "--run-config",
-            compare.config_string(config),
-            "--timeout",
-            "600",
-        ]
-    )
-    assert code == 0
+    assert launch_tiny(out, config) == 0
     results = _check_results(out, num_rounds=2, num_clients=2)
     assert results["config"]["strategy.name"] == "tests.round_robin:RoundRobinSelection"
     # HAFLQ-style replies (component uploads) from clients of the default tiers
