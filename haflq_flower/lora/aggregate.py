@@ -359,14 +359,10 @@ def fair_correction(
         a_bar = averaged[a_key(m)].astype(np.float64)
         b_bar = averaged[b_key(m)].astype(np.float64)
         rank = a_bar.shape[0]
-        pa = np.zeros_like(b_bar)
-        for pk, up, v in zip(p, uploads, values, strict=True):
-            # the client's factors at their global positions (zeros where it held none)
-            a_full = np.zeros_like(a_bar)
-            b_full = np.zeros_like(b_bar)
-            a_full[up.selection[m], :] = v[a_key(m)]
-            b_full[:, up.selection[m]] = v[b_key(m)]
-            pa += pk * b_full @ (a_full @ a_bar.T)
+        # B_k A_k needs no padding: the components a client did not hold add nothing
+        pa = sum(
+            pk * v[b_key(m)] @ (v[a_key(m)] @ a_bar.T) for pk, v in zip(p, values, strict=True)
+        )
         gram = a_bar @ a_bar.T
         lam = regularizer * np.trace(gram) / rank
         rhs = pa - b_bar @ gram  # (P - B_bar A_bar) A_bar^T
