@@ -41,7 +41,7 @@ from haflq_flower.prompts import PROMPTS  # noqa: E402
 # bounds first: the table is void unless they are decided apart
 ARMS = (
     "bound-high,bound-low,haflq,haflq-fp32,freeze-zeropad,hetlora,flexlora,fedit-trunc,"
-    "flora,ffa-lora,fedex-lora,lora-fair,paper-baseline,haflq-full"
+    "flora,ffa-lora,fedex-lora,lora-fair,fedsa-lora,paper-baseline,haflq-full"
 )
 
 # The paper's claims pair (memory, bytes, accuracy of haflq-full against paper-baseline)

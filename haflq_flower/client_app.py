@@ -6,6 +6,7 @@ import functools
 import logging
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,19 +14,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig, parse_run_config
 from .data import client_partition, device_frame, load_task, tokenize
 from .logs import setup_logging
 from .lora.components import (
+    B_SUFFIX,
+    LoraState,
     check_selection,
     component_delta,
     gather,
     lora_modules,
     module_rank,
+    only_factor,
     scatter,
+    without_factor,
 )
 from .lora.merge import merge_stacks
 from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
@@ -42,13 +47,15 @@ from .quant.mixed import base_weight_bytes
 from .quant.payload import components_from_delta, decode_downlink, encode_within_budget
 from .quant.salience import block_salience
 from .strategy.ffa import trainable_part
-from .train import TrainResult, evaluate, train_local
+from .train import TrainResult, evaluate_run_rows, train_local
 from .wire import (
     ARRAYS_KEY,
+    B_START_NORM,
     CONFIG_KEY,
     DOWN_KEY,
     EXAMPLES_SEEN,
     FREEZE_A,
+    KEEP_B,
     LOAD_S,
     MERGE_KEY,
     METRICS_KEY,
@@ -57,6 +64,9 @@ from .wire import (
     PARTITION_ID,
     PAYLOAD_KEY,
     PEAK_MEM_BYTES,
+    PERSONAL_B_KEY,
+    PERSONAL_EVAL,
+    PREDICTIONS_KEY,
     PROFILE_KEY,
     RAY_NODE,
     SALIENCE_KEY,
@@ -242,13 +252,20 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     _merge(model, msg)
     if not mode:
         received = from_array_record(msg.content[ARRAYS_KEY])
+        keep_b = bool(node_cfg.get(KEEP_B, False))  # FedSA-LoRA
+        extra_metrics = {}
+        if keep_b:
+            received, own_norm = _with_own_b(context, received, trainable_state(model))
+            extra_metrics[B_START_NORM] = own_norm
         load_trainable_state(model, received)
         freeze_a = bool(node_cfg.get(FREEZE_A, False))  # FFA-LoRA
         with frozen_a(model, freeze_a):
             result = run()
         state = trainable_state(model)
+        if keep_b:
+            context.state[PERSONAL_B_KEY] = to_array_record(only_factor(state, B_SUFFIX))
+            state = without_factor(state, B_SUFFIX)
         records = {ARRAYS_KEY: to_array_record(trainable_part(state) if freeze_a else state)}
-        extra_metrics = {}
     else:
         result, records, extra_metrics = _train_components(
             msg,
@@ -265,6 +282,28 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     metrics[LOAD_S] = _LAST_LOAD_S
     reply = RecordDict({**records, METRICS_KEY: metrics})
     return Message(content=reply, reply_to=msg)
+
+
+def _with_own_b(
+    context: Context, shared: LoraState, template: LoraState
+) -> tuple[LoraState, float]:
+    """FedSA-LoRA: the shared A (and head) from the server with this client's own B,
+    kept in ``context.state`` between its rounds (zeros, PEFT's initialization, before its
+    first round); and that B's norm. ``template`` gives the model's keys and shapes."""
+    own = {}
+    if PERSONAL_B_KEY in context.state.array_records:
+        own = record_to_arrays(context.state.array_records[PERSONAL_B_KEY])
+    full = OrderedDict()
+    for key, value in template.items():
+        if key.endswith(B_SUFFIX):
+            b = own.get(key)
+            full[key] = b if b is not None and b.shape == value.shape else np.zeros_like(value)
+        else:
+            full[key] = shared[key]
+    norm = float(
+        np.sqrt(sum(float(np.sum(np.square(v))) for v in only_factor(full, B_SUFFIX).values()))
+    )
+    return full, norm
 
 
 def _merge(model, msg: Message) -> None:
@@ -385,24 +424,39 @@ def handle_salience(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Evaluate the received adapter on this node's own partition."""
+    """Evaluate the received adapter on this node's own partition, or (a personal
+    evaluation, FedSA-LoRA) this node's own model on the run's evaluation rows, replying
+    with every row's prediction."""
     pid, frame = _client_data(context, cfg)
     device = client_device()
     task = load_task(cfg.data)
     model, tokenizer = _model(cfg, task.num_labels, device, any_bits=True)
     _merge(model, msg)
-    load_trainable_state(model, from_array_record(msg.content[ARRAYS_KEY]))
-    loss, accuracy = evaluate(
-        model,
-        tokenizer,
-        frame,
-        batch_size=cfg.train.eval_batch_size,
-        max_length=cfg.model.max_length,
-        compute_dtype=cfg.model.compute_dtype,
-        device=device,
-        desc=f"client {pid} eval",
+    received = from_array_record(msg.content[ARRAYS_KEY])
+    node_cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    if bool(node_cfg.get(KEEP_B, False)):
+        received, _ = _with_own_b(context, received, trainable_state(model))
+    load_trainable_state(model, received)
+    if bool(node_cfg.get(PERSONAL_EVAL, False)):
+        rows = task.split(cfg.train.eval_split)
+        result = evaluate_run_rows(cfg, model, tokenizer, rows, device, f"client {pid} personal")
+        predicted = np.asarray(result.predictions, dtype=np.int64)
+        metrics = MetricRecord(
+            {
+                NUM_EXAMPLES: len(rows),
+                "loss": float(result.loss),
+                "accuracy": float(result.accuracy),
+                PARTITION_ID: pid,
+            }
+        )
+        records = ArrayRecord({PREDICTIONS_KEY: Array(predicted)})
+        return Message(
+            content=RecordDict({METRICS_KEY: metrics, PREDICTIONS_KEY: records}), reply_to=msg
+        )
+    result = evaluate_run_rows(cfg, model, tokenizer, frame, device, f"client {pid} eval")
+    metrics = MetricRecord(
+        {NUM_EXAMPLES: len(frame), "loss": result.loss, "accuracy": result.accuracy}
     )
-    metrics = MetricRecord({NUM_EXAMPLES: len(frame), "loss": loss, "accuracy": accuracy})
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 

@@ -72,6 +72,7 @@ ARMS.update(
         # FedEx-LoRA also merges (its exact residual) into the base: 16-bit base
         "fedex-lora": {"strategy.name": "fedex-lora", "model.quantization": "none"},
         "lora-fair": {"strategy.name": "lora-fair"},
+        "fedsa-lora": {"strategy.name": "fedsa-lora"},
     }
 )
 # The paper's claims: HAFLQ with every mechanism (salience-mixed base within each tier's
@@ -531,20 +532,33 @@ def paired_decisions(
     raw_p = []
     for arm in arms:
         pairs = _pairs(correct, reference, arm)
-        pooled = stats.pooled_mcnemar(pairs)
         interval = stats.paired_bootstrap(pairs)
-        raw_p.append(pooled.p)
-        out["arms"][arm] = {
+        row = {
             "seeds": len(pairs),
             "reference_acc": float(np.mean([a.mean() for a, _ in pairs])),
             "arm_acc": float(np.mean([b.mean() for _, b in pairs])),
             "diff": interval.estimate,
             "ci": [interval.low, interval.high],
-            "per_seed_p": [stats.mcnemar_exact(a, b).p for a, b in pairs],
-            "b": pooled.b,
-            "c": pooled.c,
-            "p": pooled.p,
         }
+        if all(stats.is_binary(a) and stats.is_binary(b) for a, b in pairs):
+            pooled = stats.pooled_mcnemar(pairs)
+            row.update(
+                test="mcnemar",
+                per_seed_p=[stats.mcnemar_exact(a, b).p for a, b in pairs],
+                b=pooled.b,
+                c=pooled.c,
+                p=pooled.p,
+            )
+        else:  # per-client models (FedSA-LoRA): a row scores the fraction of clients right
+            row.update(
+                test="permutation",
+                per_seed_p=[stats.paired_permutation([pair]) for pair in pairs],
+                b=None,
+                c=None,
+                p=stats.paired_permutation(pairs),
+            )
+        raw_p.append(row["p"])
+        out["arms"][arm] = row
     for arm, adjusted in zip(arms, stats.holm(raw_p), strict=True):
         row = out["arms"][arm]
         row["p_holm"] = adjusted
@@ -606,10 +620,11 @@ def decisions_markdown(found: Mapping[str, Any]) -> str:
             if gap is None
             else f"{100 * gap[0]:.0f}% ({100 * gap[1]:.0f} to {100 * gap[2]:.0f})"
         )
+        discordant = "(permutation)" if row["b"] is None else f"{row['b']} / {row['c']}"
         lines.append(
             f"| {arm} | {row['seeds']} | {row['reference_acc']:.4f} | {row['arm_acc']:.4f} | "
             f"{row['diff']:+.4f} | {row['ci'][0]:+.4f} to {row['ci'][1]:+.4f} | "
-            f"{row['b']} / {row['c']} | {', '.join(f'{p:.3g}' for p in row['per_seed_p'])} | "
+            f"{discordant} | {', '.join(f'{p:.3g}' for p in row['per_seed_p'])} | "
             f"{row['p']:.3g} | {row['p_holm']:.3g} | {ref} {row['verdict']} | {gap_text} |"
         )
     lines += [
@@ -618,7 +633,10 @@ def decisions_markdown(found: Mapping[str, Any]) -> str:
         "test per seed and pooled (discordant rows summed over seeds); the pooled p-values "
         f"are Holm-adjusted over the {len(found['arms'])} arm(s) of this table; decided at "
         f"adjusted p < {found['alpha']}. The tests cover the evaluated rows, not training "
-        "noise: that is what the seeds are for.",
+        "noise: that is what the seeds are for. An arm evaluated per client (FedSA-LoRA: "
+        "each client's own model) scores a row by the fraction of its clients right; "
+        "McNemar does not apply there, so its p-values come from a paired sign-flip "
+        "permutation test on the per-row differences (20,000 flips).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -4,8 +4,9 @@ Two runs evaluated on the same split (same data config and seed) can then be com
 by row (McNemar's test, a paired bootstrap: :mod:`haflq_flower.stats`). The file holds
 ``labels`` (the true label of every row, in evaluation order), ``split`` (``test`` or
 ``validation``) and one ``round_<n>`` int array per evaluated round (round 0 = before
-training). It is rewritten atomically after every round, so a resumed run keeps the rounds
-it had.
+training): one prediction per row, or a (clients, rows) array where every client has its
+own model (FedSA-LoRA). It is rewritten atomically after every round, so a resumed run
+keeps the rounds it had.
 """
 
 from __future__ import annotations
@@ -35,22 +36,26 @@ class Predictions:
     rounds: dict[int, np.ndarray] = field(default_factory=dict)
 
     def add(self, server_round: int, predicted: np.ndarray) -> None:
+        """One round's predictions: one per row, or (clients, rows) for a method evaluated
+        per client (FedSA-LoRA's personal models)."""
         predicted = np.asarray(predicted, dtype=np.int64)
-        if predicted.shape != self.labels.shape:
+        if predicted.ndim not in (1, 2) or predicted.shape[-1] != self.labels.shape[0]:
             raise PredictionsError(
-                f"round {server_round}: {predicted.shape[0]} predictions for "
+                f"round {server_round}: predictions of shape {predicted.shape} for "
                 f"{self.labels.shape[0]} rows"
             )
         self.rounds[int(server_round)] = predicted
 
     def correct(self, server_round: int | None = None) -> np.ndarray:
-        """Boolean per row: right after ``server_round`` (default: the last round)."""
+        """Per row after ``server_round`` (default: the last round): right or not (bool),
+        or, for per-client predictions, the fraction of clients right (float)."""
         if not self.rounds:
             raise PredictionsError("no evaluated round")
         key = max(self.rounds) if server_round is None else server_round
         if key not in self.rounds:
             raise PredictionsError(f"no predictions for round {key}; have {sorted(self.rounds)}")
-        return self.rounds[key] == self.labels
+        right = self.rounds[key] == self.labels
+        return right if right.ndim == 1 else right.mean(axis=0)
 
     def accuracy(self, server_round: int | None = None) -> float:
         return float(self.correct(server_round).mean())

@@ -35,7 +35,7 @@ from .quant.mixed import block_layout
 from .report import STATUS_COMPLETED, write_report
 from .results import RunRecorder, plot_results
 from .strategy import build_strategy
-from .train import EvalResult, evaluate_rows
+from .train import evaluate_run_rows
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,23 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         state = from_array_record(arrays)
         loss = accuracy = None
         if cfg.train.evaluates_after(server_round, cfg.num_rounds):
-            merge_stacks(model, strategy.base_merge())
-            load_trainable_state(model, state)
-            result = _evaluate_rows(
-                cfg, model, tokenizer, eval_rows, device, f"server eval round {server_round}"
+            # methods without one global model evaluate each client's own (FedSA-LoRA)
+            result = strategy.evaluate_on_clients(
+                grid,
+                server_round,
+                arrays,
+                eval_rows["label"].to_numpy(),
+                task.num_labels,
+                cfg.strategy.round_timeout,
             )
+            if result is None:
+                merge_stacks(model, strategy.base_merge())
+                load_trainable_state(model, state)
+                result = evaluate_run_rows(
+                    cfg, model, tokenizer, eval_rows, device, f"server eval round {server_round}"
+                )
             loss, accuracy = result.loss, result.accuracy
-            if predictions is not None:
+            if predictions is not None and result.predictions is not None:
                 predictions.add(server_round, result.predictions)
                 save_predictions(cfg.output_dir, predictions)
         stats = strategy.stats.get(server_round)
@@ -213,20 +223,6 @@ def _resume(cfg: RunConfig, model_state: dict):
     return ckpt
 
 
-def _evaluate_rows(cfg: RunConfig, model, tokenizer, rows, device, desc: str) -> EvalResult:
-    """Loss, accuracy and per-row predictions on ``rows`` (the configured eval split)."""
-    return evaluate_rows(
-        model,
-        tokenizer,
-        rows,
-        batch_size=cfg.train.eval_batch_size,
-        max_length=cfg.model.max_length,
-        compute_dtype=cfg.model.compute_dtype,
-        device=device,
-        desc=desc,
-    )
-
-
 def _accuracy_by_tier(cfg: RunConfig, strategy, state, device, task) -> dict[str, float]:
     """Test accuracy of the final adapter on each tier's own quantized base."""
     patterns: dict[tuple[int, ...], list[str]] = {}
@@ -241,7 +237,7 @@ def _accuracy_by_tier(cfg: RunConfig, strategy, state, device, task) -> dict[str
             cfg.model, cfg.lora, task.num_labels, cfg.seed, device, bits
         )
         load_trainable_state(model, state)
-        accuracy = _evaluate_rows(
+        accuracy = evaluate_run_rows(
             cfg,
             model,
             tokenizer,

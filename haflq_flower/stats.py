@@ -38,9 +38,9 @@ class McNemar:
         return self.b + self.c
 
 
-def _as_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
+def _as_pairs(a: np.ndarray, b: np.ndarray, dtype: type = bool) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(a, dtype=dtype)
+    b = np.asarray(b, dtype=dtype)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(
             f"paired rows must be two 1-d arrays of one length, got {a.shape}, {b.shape}"
@@ -92,6 +92,17 @@ def _resampled_rows(num_rows: int, resamples: int, seed: int) -> np.ndarray:
     return rng.integers(0, num_rows, size=(resamples, num_rows))
 
 
+def _row_differences(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Per row, score A minus score B averaged over the pairs (seeds on the same rows)."""
+    stacked = [_as_pairs(a, b, float) for a, b in pairs]
+    if not stacked:
+        raise ValueError("no pairs")
+    n = stacked[0][0].shape[0]
+    if any(a.shape[0] != n for a, _ in stacked):
+        raise ValueError("every pair must cover the same rows")
+    return np.mean([a - b for a, b in stacked], axis=0)
+
+
 def paired_bootstrap(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]],
     resamples: int = 2000,
@@ -101,17 +112,41 @@ def paired_bootstrap(
     """Percentile interval of ``mean over pairs of (acc(A) - acc(B))``: rows resampled
     with replacement, the same rows for both models and every pair (seeds share the
     test rows)."""
-    stacked = [_as_pairs(a, b) for a, b in pairs]
-    if not stacked:
-        raise ValueError("no pairs")
-    n = stacked[0][0].shape[0]
-    if any(a.shape[0] != n for a, _ in stacked):
-        raise ValueError("every pair must cover the same rows")
-    diff = np.mean([a.astype(float) - b.astype(float) for a, b in stacked], axis=0)
+    diff = _row_differences(pairs)
+    n = diff.shape[0]
     idx = _resampled_rows(n, resamples, seed)
     draws = diff[idx].mean(axis=1)
     alpha = (1.0 - level) / 2
     return Interval(float(diff.mean()), *np.quantile(draws, [alpha, 1 - alpha]).tolist())
+
+
+def is_binary(correct: np.ndarray) -> bool:
+    """Whether a per-row correctness vector holds only right/wrong (0 or 1); a method
+    evaluated per client gives the fraction of clients right instead."""
+    values = np.asarray(correct, dtype=float)
+    return bool(np.all((values == 0.0) | (values == 1.0)))
+
+
+def paired_permutation(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    resamples: int = 20_000,
+    seed: int = 0,
+) -> float:
+    """Two-sided p-value of "mean over rows of (score A - score B) is 0" by flipping the
+    sign of each row's difference (rows exchangeable under the null; the difference of a
+    row is averaged over the pairs, i.e. seeds). Works for fractional per-row scores,
+    where McNemar's test does not apply. Monte Carlo with ``resamples`` flips, the
+    observed assignment counted in (so p >= 1 / (resamples + 1))."""
+    diff = _row_differences(pairs)
+    n = diff.shape[0]
+    observed = abs(diff.mean())
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, resamples, 1000):  # in chunks: 1000 x rows signs at a time
+        size = min(1000, resamples - start)
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(size, n))
+        hits += int(np.sum(np.abs(signs @ diff) / n >= observed - 1e-12))
+    return (hits + 1) / (resamples + 1)
 
 
 def gap_closed(

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import TrainConfig
+from .config import RunConfig, TrainConfig
 from .data import tokenize
 
 log = logging.getLogger(__name__)
@@ -259,4 +259,21 @@ def evaluate_rows(
         loss=total_loss / len(texts),
         accuracy=correct / len(texts),
         predictions=np.concatenate(predicted).astype(np.int64),
+    )
+
+
+def evaluate_run_rows(
+    cfg: RunConfig, model: torch.nn.Module, tokenizer, rows: pd.DataFrame, device, desc: str
+) -> EvalResult:
+    """:func:`evaluate_rows` with the run config's batch size, length and dtype (what the
+    server and a client's evaluations share)."""
+    return evaluate_rows(
+        model,
+        tokenizer,
+        rows,
+        batch_size=cfg.train.eval_batch_size,
+        max_length=cfg.model.max_length,
+        compute_dtype=cfg.model.compute_dtype,
+        device=device,
+        desc=desc,
     )

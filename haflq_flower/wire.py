@@ -27,6 +27,7 @@ PAYLOAD_KEY = "payload"  # the bit-packed component upload
 MERGE_KEY = "merge"  # FLoRA / FedEx-LoRA: factors every client merges into its base
 PROFILE_KEY = "profile"
 SALIENCE_KEY = "salience"
+PREDICTIONS_KEY = "predictions"  # a personal evaluation's predicted label of every row
 
 # --- message types of the queries (beside Flower's train and evaluate) ------------------
 PROFILE_QUERY = "query.profile"
@@ -34,6 +35,11 @@ SALIENCE_QUERY = "query.salience"
 
 # --- config flags ------------------------------------------------------------------------
 FREEZE_A = "freeze-a"  # FFA-LoRA: train B only
+KEEP_B = "keep-b"  # FedSA-LoRA: B stays on the client (train), use the client's own B (eval)
+PERSONAL_EVAL = "personal-eval"  # evaluate on the run's eval split, return every prediction
+
+# --- a client's own state between messages of a run (Flower's ``Context.state``) ---------
+PERSONAL_B_KEY = "fedsa-b"  # FedSA-LoRA: the client's own B factors
 
 # --- training metrics a client reports (MetricRecord: numbers only) ---------------------
 NUM_EXAMPLES = "num-examples"  # n_k, the FedAvg weight: the local dataset's size
@@ -48,6 +54,7 @@ OPTIMIZER_STATE_BYTES = "optimizer-state-bytes"
 PARTITION_ID = "partition-id"
 WEIGHT_BYTES = "weight-bytes"
 RAY_NODE = "ray-node"  # first 48 bits of the Ray node id, 0 outside Ray
+B_START_NORM = "b-start-norm"  # FedSA-LoRA: norm of the client's own B it started from
 
 
 def selection_to_record(selection: Mapping[str, np.ndarray]) -> ArrayRecord:

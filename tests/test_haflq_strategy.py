@@ -254,8 +254,8 @@ def test_a_registered_subclass_is_built_from_the_run_config(monkeypatch):
 
     with pytest.raises(
         ConfigError,
-        match="known: fedex-lora, fedit, fedit-trunc, ffa-lora, flexlora, flora, haflq, "
-        "hetlora, lora-fair",
+        match="known: fedex-lora, fedit, fedit-trunc, fedsa-lora, ffa-lora, flexlora, flora, "
+        "haflq, hetlora, lora-fair",
     ):
         parse_run_config({"strategy.name": "round-robin"})
     monkeypatch.setitem(registry.STRATEGIES, "round-robin", RoundRobinSelection)

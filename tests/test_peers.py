@@ -297,7 +297,7 @@ def test_flora_merges_every_round_and_the_server_evaluates_the_merged_model(tmp_
     from haflq_flower.checkpoint import load_checkpoint
     from haflq_flower.lora.merge import merge_stacks
     from haflq_flower.lora.state import load_trainable_state
-    from haflq_flower.server_app import _evaluate_rows
+    from haflq_flower.train import evaluate_run_rows
 
     from .conftest import TINY
     from .test_simulation import _simulate
@@ -334,9 +334,9 @@ def test_flora_merges_every_round_and_the_server_evaluates_the_merged_model(tmp_
     task = load_task(cfg.data)
     model, tok = load_lora_model(cfg.model, cfg.lora, 2, cfg.seed, torch.device("cpu"))
     load_trainable_state(model, ckpt.global_state)
-    bare_loss = _evaluate_rows(cfg, model, tok, task.test, torch.device("cpu"), "bare").loss
+    bare_loss = evaluate_run_rows(cfg, model, tok, task.test, torch.device("cpu"), "bare").loss
     merge_stacks(model, merge)
-    merged = _evaluate_rows(cfg, model, tok, task.test, torch.device("cpu"), "merged")
+    merged = evaluate_run_rows(cfg, model, tok, task.test, torch.device("cpu"), "merged")
     loss, accuracy = merged.loss, merged.accuracy
     assert loss == pytest.approx(rounds[-1]["loss"], rel=1e-5)
     assert accuracy == rounds[-1]["accuracy"] and bare_loss != pytest.approx(loss, rel=1e-5)
@@ -350,7 +350,7 @@ def test_flora_merges_every_round_and_the_server_evaluates_the_merged_model(tmp_
     base, _ = load_base_model(cfg.model, 2, torch.device("cpu"))
     loaded = PeftModel.from_pretrained(base, results["final"]["adapter_dir"])
     assert loaded.peft_config["default"].r == 28 + 8
-    peft = _evaluate_rows(cfg, loaded, tok, task.test, torch.device("cpu"), "peft")
+    peft = evaluate_run_rows(cfg, loaded, tok, task.test, torch.device("cpu"), "peft")
     peft_loss, peft_acc = peft.loss, peft.accuracy
     assert peft_loss == pytest.approx(loss, rel=1e-3) and peft_acc == pytest.approx(
         accuracy, abs=0.03
@@ -467,7 +467,7 @@ def test_fedex_lora_merges_the_exact_residual_and_peft_reproduces_the_model(tmp_
     from haflq_flower.config import parse_run_config
     from haflq_flower.data import load_task
     from haflq_flower.model import load_base_model
-    from haflq_flower.server_app import _evaluate_rows
+    from haflq_flower.train import evaluate_run_rows
 
     from .conftest import TINY
     from .test_simulation import _simulate
@@ -491,7 +491,7 @@ def test_fedex_lora_merges_the_exact_residual_and_peft_reproduces_the_model(tmp_
     base, tok = load_base_model(cfg.model, 2, torch.device("cpu"))
     loaded = PeftModel.from_pretrained(base, results["final"]["adapter_dir"])
     assert loaded.peft_config["default"].r == 2 * 22 + 8
-    peft = _evaluate_rows(cfg, loaded, tok, task.test, torch.device("cpu"), "peft")
+    peft = evaluate_run_rows(cfg, loaded, tok, task.test, torch.device("cpu"), "peft")
     assert peft.loss == pytest.approx(rounds[-1]["loss"], rel=1e-3)
 
 

@@ -146,3 +146,38 @@ def test_bound_low_keeps_the_lora_scale():
     assert low["lora.alpha"] / low["lora.rank"] == 16 / 8
     one = compare.bound_low({"tiers.lora-ranks": "1,8", "tiers.names": "a,b", "lora.rank": 8})
     assert one["lora.rank"] == 1 and one["lora.alpha"] == pytest.approx(2.0)
+
+
+def test_paired_permutation_known_answers():
+    a, b = _pair(both=30, only_a=0, only_b=0, neither=20)
+    assert stats.paired_permutation([(a, b)]) == 1.0  # no row differs: every flip ties
+    a, b = _pair(both=0, only_a=40, only_b=0, neither=0)
+    # every row favours A: only the all-plus and all-minus flips reach |mean| = 1, which
+    # 20,000 random flips of 40 signs essentially never draw
+    assert stats.paired_permutation([(a, b)]) == pytest.approx(1 / 20_001)
+    # symmetric in the order of the two arms, and it agrees with McNemar on balance
+    a, b = _pair(both=100, only_a=12, only_b=10, neither=78)
+    p = stats.paired_permutation([(a, b)])
+    assert p == pytest.approx(stats.paired_permutation([(b, a)]), abs=0.02)
+    assert p == pytest.approx(stats.mcnemar_exact(a, b).p, abs=0.05)
+    # fractional scores (share of clients right per row)
+    frac = np.full(200, 0.5)
+    assert stats.paired_permutation([(frac, frac)]) == 1.0
+    assert stats.paired_permutation([(frac + 0.2, frac)]) < 1e-3
+    assert not stats.is_binary(frac) and stats.is_binary(a)
+
+
+def test_paired_decisions_use_the_permutation_test_for_per_client_arms():
+    correct = {
+        "haflq": _correct({0: 0.78}),
+        # a per-client arm: two clients, one right where haflq is, one always wrong
+        "personal": {0: _correct({0: 0.78})[0] * 0.5},
+        "weak": _correct({0: 0.55}),
+    }
+    found = compare.paired_decisions(correct, "haflq")
+    row = found["arms"]["personal"]
+    assert row["test"] == "permutation" and row["b"] is None
+    assert row["arm_acc"] == pytest.approx(0.39) and row["diff"] == pytest.approx(0.39)
+    assert row["verdict"] == "decided better"
+    assert found["arms"]["weak"]["test"] == "mcnemar"
+    assert "(permutation)" in compare.decisions_markdown(found)

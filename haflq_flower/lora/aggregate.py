@@ -373,19 +373,36 @@ def fair_correction(
     return out
 
 
+def _average_except(
+    global_state: LoraState, states: Sequence[LoraState], weights: Sequence[float], kept: str
+) -> LoraState:
+    """The weighted average of every array the clients sent; the factor ending in
+    ``kept`` (never sent) stays as in ``global_state``."""
+    if not states:
+        raise ValueError("aggregation needs at least one state")
+    averaged = weighted_average(states, weights)
+    return OrderedDict(
+        (k, v.astype(np.float32) if k.endswith(kept) else averaged[k])
+        for k, v in global_state.items()
+    )
+
+
 def aggregate_ffa(
     global_state: LoraState, states: Sequence[LoraState], weights: Sequence[float]
 ) -> LoraState:
     """FFA-LoRA: ``B = sum_k p_k B_k`` with every A frozen at the shared initial value
     (kept from ``global_state``), so ``B A = sum_k p_k B_k A`` exactly. ``states`` hold
     each client's B factors and head (no A: it is never sent). The head is FedAvg'd."""
-    if not states:
-        raise ValueError("aggregate_ffa needs at least one state")
-    averaged = weighted_average(states, weights)
-    return OrderedDict(
-        (k, v.astype(np.float32) if k.endswith(A_SUFFIX) else averaged[k])
-        for k, v in global_state.items()
-    )
+    return _average_except(global_state, states, weights, A_SUFFIX)
+
+
+def aggregate_fedsa(
+    global_state: LoraState, states: Sequence[LoraState], weights: Sequence[float]
+) -> LoraState:
+    """FedSA-LoRA: ``A = sum_k p_k A_k`` (and the head FedAvg'd); every B stays on its
+    client, so the global B is left as it is (PEFT's zero initialization: the server's B
+    never changes). ``states`` hold each client's A factors and head."""
+    return _average_except(global_state, states, weights, B_SUFFIX)
 
 
 __all__ = [
@@ -399,6 +416,7 @@ __all__ = [
     "aggregate_components",
     "apply_deltas",
     "aggregate_ffa",
+    "aggregate_fedsa",
     "aggregate_flexlora",
     "aggregate_hetlora",
     "aggregate_padded_values",

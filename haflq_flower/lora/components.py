@@ -47,6 +47,17 @@ def other_keys(state: Mapping[str, np.ndarray]) -> list[str]:
     return [k for k in state if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))]
 
 
+def without_factor(state: Mapping[str, np.ndarray], suffix: str) -> LoraState:
+    """The state without one factor of every module (``A_SUFFIX`` or ``B_SUFFIX``): what
+    an FFA-LoRA client sends (no A) or a FedSA-LoRA client shares (no B)."""
+    return OrderedDict((k, v) for k, v in state.items() if not k.endswith(suffix))
+
+
+def only_factor(state: Mapping[str, np.ndarray], suffix: str) -> LoraState:
+    """Only one factor of every module (e.g. a FedSA-LoRA client's own B)."""
+    return OrderedDict((k, v) for k, v in state.items() if k.endswith(suffix))
+
+
 def module_rank(state: Mapping[str, np.ndarray], module: str) -> int:
     return int(state[a_key(module)].shape[0])
 

@@ -10,6 +10,7 @@ from .blocks import BlockPlanner
 from .fair import LoRAFAIR
 from .fedex import FedExLoRA
 from .fedit import FedIT
+from .fedsa import FedSALoRA
 from .ffa import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
@@ -23,6 +24,7 @@ STRATEGIES: dict[str, type[LoRAStrategy]] = {
     "fedex-lora": FedExLoRA,
     "fedit": FedIT,
     "fedit-trunc": FedITTruncated,
+    "fedsa-lora": FedSALoRA,
     "ffa-lora": FFALoRA,
     "flexlora": FlexLoRA,
     "flora": FLoRA,
@@ -118,6 +120,7 @@ __all__ = [
     "FedExLoRA",
     "FedIT",
     "FedITTruncated",
+    "FedSALoRA",
     "FFALoRA",
     "FLoRA",
     "FlexLoRA",

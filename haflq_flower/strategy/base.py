@@ -181,6 +181,10 @@ class LoRAStrategy(Strategy):
     (docs/reliability.md).
     """
 
+    # Whether the aggregation residual can be computed (FedSA-LoRA: the server never sees
+    # the clients' B factors).
+    reports_residual: bool = True
+
     def __init__(
         self,
         fraction_train: float = 1.0,
@@ -241,6 +245,21 @@ class LoRAStrategy(Strategy):
         """Stacked factors that clients and the server's evaluation merge into the base
         weights before using the global adapter (FLoRA); ``None`` for methods that keep
         the base as loaded."""
+        return None
+
+    def evaluate_on_clients(
+        self,
+        grid: Grid,
+        server_round: int,
+        arrays: ArrayRecord,
+        labels: np.ndarray,
+        num_labels: int,
+        timeout: float,
+    ) -> Any:
+        """Evaluate on the clients instead of on the server, for methods without one
+        global model (FedSA-LoRA's per-client B); ``None`` (the default) lets the
+        ServerApp evaluate the global adapter itself. Otherwise an object with ``loss``,
+        ``accuracy``, ``predictions`` (clients x rows) and ``per_client``."""
         return None
 
     def prepare_round(self, server_round: int, grid: Grid, node_ids: list[int]) -> None:
@@ -525,6 +544,8 @@ class LoRAStrategy(Strategy):
     def _residual(
         self, server_round: int, updates: list[ClientUpdate], new_state: LoraState
     ) -> float | None:
+        if not self.reports_residual:
+            return None
         try:
             clients = [self.client_factors(self._global, u) for u in updates]
             value = aggregation_residual(

@@ -8,7 +8,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from ..lora.aggregate import aggregate_ffa
-from ..lora.components import A_SUFFIX
+from ..lora.components import A_SUFFIX, without_factor
 from ..lora.state import LoraState, check_state, from_array_record
 from ..wire import FREEZE_A
 from .base import (
@@ -64,4 +64,4 @@ class FFALoRA(FedIT):
 
 def trainable_part(state: LoraState) -> LoraState:
     """The state without its A factors: what an FFA-LoRA client trains and uploads."""
-    return OrderedDict((k, v) for k, v in state.items() if not k.endswith(A_SUFFIX))
+    return without_factor(state, A_SUFFIX)
