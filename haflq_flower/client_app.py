@@ -41,6 +41,7 @@ from .model import (
     release_freed_memory,
     select_device,
 )
+from .privacy import LOCAL, add_noise, clip_update
 from .profiles import resolve_profile
 from .quant.blocks import pattern_from_str, pattern_to_str
 from .quant.mixed import base_weight_bytes
@@ -265,7 +266,11 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         if keep_b:
             context.state[PERSONAL_B_KEY] = to_array_record(only_factor(state, B_SUFFIX))
             state = without_factor(state, B_SUFFIX)
-        records = {ARRAYS_KEY: to_array_record(trainable_part(state) if freeze_a else state)}
+        upload = trainable_part(state) if freeze_a else state
+        if cfg.dp.enabled:  # clip (and, local DP, noise) the change to what it received
+            delta = _privatize(OrderedDict((k, v - received[k]) for k, v in upload.items()), cfg)
+            upload = OrderedDict((k, received[k] + d) for k, d in delta.items())
+        records = {ARRAYS_KEY: to_array_record(upload)}
     else:
         result, records, extra_metrics = _train_components(
             msg,
@@ -276,12 +281,25 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             rng=np.random.default_rng([cfg.seed, server_round, pid]),
         )
     metrics = _train_metrics(len(frame), result)
+    if cfg.dp.enabled:  # neither the data's size nor its loss leaves the device under DP
+        metrics[NUM_EXAMPLES] = 1
+        del metrics[TRAIN_LOSS]
     metrics.update(extra_metrics)
     metrics[PARTITION_ID] = pid
     metrics[WEIGHT_BYTES] = base_weight_bytes(model)
     metrics[LOAD_S] = _LAST_LOAD_S
     reply = RecordDict({**records, METRICS_KEY: metrics})
     return Message(content=reply, reply_to=msg)
+
+
+def _privatize(delta: LoraState, cfg: RunConfig) -> LoraState:
+    """Client-level DP on the device (docs/privacy.md): the whole update clipped to
+    ``dp.clip``; with ``dp.mode="local"`` also Gaussian noise of std ``z C``, drawn from
+    the OS (not the run's seed, which the server knows). Quantization comes after."""
+    clipped, _ = clip_update(delta, cfg.dp.clip)
+    if cfg.dp.mode == LOCAL:
+        return add_noise(clipped, cfg.dp.noise_std, np.random.default_rng())
+    return clipped
 
 
 def _with_own_b(
@@ -341,6 +359,11 @@ def _train_components(msg, model, mode: str, run, cfg: RunConfig, rng):
         result = run(after_backward=view.track_importance)
         scores = view.scores()
     delta = component_delta(before, gather(trainable_state(model), selection))
+    if cfg.dp.enabled:
+        delta = _privatize(delta, cfg)
+        # scores come from the local data and steer the server's selection: under DP the
+        # device reports none (all zero), so the selection is the server's alone
+        scores = {m: np.zeros_like(v) for m, v in scores.items()}
     upload = encode_upload(delta, selection, scores, modules, msg.content[CONFIG_KEY], rng)
     records = {
         **upload.records,

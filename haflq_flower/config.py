@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .hardware import auto_compute_dtype
+from .privacy import DP_MODES, DPConfig
 from .profiles import ProfileError, TierTable
 from .prompts import resolve_label_words, resolve_template
 from .quant.salience import METRICS as SALIENCE_METRICS
@@ -90,6 +91,10 @@ DEFAULTS: dict[str, Any] = {
     "profile.max-uplink-bps": 1e9,
     "profile.max-memory-mb": 262144.0,
     "simulation.dropout": 0.0,
+    "dp.mode": "off",
+    "dp.clip": 1.0,
+    "dp.noise-multiplier": 1.0,
+    "dp.delta": 1e-5,
     "output.dir": "",
     "output.plots": True,
     "output.checkpoint": True,
@@ -263,6 +268,8 @@ class RunConfig:
     resume: Path | None = None
     # Simulation only: the probability that a client fails a round (as a crashed device).
     dropout: float = 0.0
+    # Client-level differential privacy (docs/privacy.md); off by default.
+    dp: DPConfig = DPConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """The flat run config as given (with defaults filled), for results.json."""
@@ -510,6 +517,16 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         max_uplink_bps=_positive(cfg, "profile.max-uplink-bps", float, allow_zero=True),
         max_memory_mb=_positive(cfg, "profile.max-memory-mb", float, allow_zero=True),
     )
+    dp = DPConfig(
+        mode=_choice(cfg, "dp.mode", DP_MODES),
+        clip=_get(cfg, "dp.clip", float),
+        noise_multiplier=_get(cfg, "dp.noise-multiplier", float),
+        delta=_get(cfg, "dp.delta", float),
+    )
+    try:
+        dp.check()
+    except ValueError as err:
+        raise ConfigError(f"run config: {err}") from err
     dropout = _get(cfg, "simulation.dropout", float)
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"run config 'simulation.dropout' must lie in [0, 1), got {dropout!r}")
@@ -550,10 +567,18 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         checkpoint=_get(cfg, "output.checkpoint", bool),
         resume=resume,
         dropout=dropout,
+        dp=dp,
     )
     if run_config.strategy.blocks.precision == "auto":
         run_config = resolve_auto_blocks(run_config, any(m > 0 for m in memory))
-    _strategy_class(strategy_name).check_run_config(run_config)
+    cls = _strategy_class(strategy_name)
+    if dp.enabled and not cls.supports_dp:
+        raise ConfigError(
+            f"run config 'dp.mode={dp.mode}' needs a strategy whose aggregate is an average "
+            "of the clients' updates (fedit, ffa-lora, fedsa-lora, haflq, fedit-trunc); "
+            f"{strategy_name!r} is not (docs/privacy.md). Use one of those, or dp.mode=off."
+        )
+    cls.check_run_config(run_config)
     return run_config
 
 

@@ -87,6 +87,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     if cfg.resume is not None:
         ckpt = _resume(cfg, initial_state)
         strategy.load_state_dict(ckpt.strategy_meta, ckpt.strategy_arrays)
+        strategy.restore_privacy(ckpt.results["rounds"])
         initial_state = ckpt.global_state
         first_round = ckpt.round + 1
         restore_rng(ckpt.rng, ckpt.rng["torch"])
@@ -165,6 +166,22 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     tokenizer.save_pretrained(adapter_dir)
     # what report.md needs to print the two lines that load the adapter
     extra = {"base_model": _base_model_path(model), "num_labels": task.num_labels}
+    if cfg.dp.enabled:
+        extra["dp"] = {
+            "mode": cfg.dp.mode,
+            "clip": cfg.dp.clip,
+            "noise_multiplier": cfg.dp.noise_multiplier,
+            "delta": cfg.dp.delta,
+            "rounds": len(strategy.accountant.rates),
+            "epsilon": strategy.accountant.epsilon(),
+        }
+        log.info(
+            "Differential privacy (%s): epsilon %.3f at delta %.1e over %d round(s)",
+            cfg.dp.mode,
+            extra["dp"]["epsilon"],
+            cfg.dp.delta,
+            extra["dp"]["rounds"],
+        )
     if server_bits is not None:
         extra["accuracy_by_tier"] = _accuracy_by_tier(cfg, strategy, final_state, device, task)
     final = recorder.finish(str(adapter_dir), **extra)

@@ -229,6 +229,35 @@ def encode(
     return out
 
 
+FLOAT16_RELATIVE_ERROR = 2.0**-11  # half a unit in the last place of float16's 10 bits
+FLOAT16_SUBNORMAL_ERROR = 2.0**-25  # half the smallest float16 step, below 2^-14
+
+
+def quantization_error_bound(
+    components: ComponentSet, widths: np.ndarray, head: Mapping[str, np.ndarray]
+) -> float:
+    """An upper bound on ``||decoded - original||_2`` of :func:`encode` with these
+    widths (dropped components, width 0, not counted: they are not sent). Stochastic
+    rounding moves each value by less than one step ``(max - min) / (2^b - 1)`` of its
+    vector; float16 by at most half an ulp (relative 2^-11, or 2^-25 absolute below
+    2^-14). Used to state how far quantization can take an update past a clip."""
+    total = 0.0
+    for j, bits in enumerate(np.asarray(widths)):
+        for vec in (components.a[j], components.b[j]):
+            v = np.asarray(vec, np.float64)
+            if bits == 16:
+                err = np.maximum(np.abs(v) * FLOAT16_RELATIVE_ERROR, FLOAT16_SUBNORMAL_ERROR)
+                total += float(np.sum(err**2))
+            elif bits > 0 and len(v):
+                step = (v.max() - v.min()) / ((1 << int(bits)) - 1)
+                total += len(v) * step**2
+    for value in head.values():
+        v = np.asarray(value, np.float64)
+        err = np.maximum(np.abs(v) * FLOAT16_RELATIVE_ERROR, FLOAT16_SUBNORMAL_ERROR)
+        total += float(np.sum(err**2))
+    return float(np.sqrt(total))
+
+
 def encode_within_budget(
     components: ComponentSet,
     importance: np.ndarray,

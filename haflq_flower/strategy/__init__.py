@@ -83,6 +83,7 @@ def build_strategy(cfg: RunConfig) -> LoRAStrategy:
         max_examples=cfg.strategy.max_examples,
         clip_factor=cfg.strategy.clip_factor,
         weight_clip=cfg.strategy.weight_clip,
+        dp=cfg.dp,
     )
     cls = strategy_class(cfg.strategy.name)
     if issubclass(cls, HAFLQStrategy):

@@ -33,6 +33,7 @@ from ..lora.state import (
     record_dict_bytes,
     to_array_record,
 )
+from ..privacy import CENTRAL, DPConfig, PrivacyAccountant, add_average_noise
 from ..untrusted import FLOAT32_MAX, all_within, printable
 from ..wire import (
     ARRAYS_KEY,
@@ -184,6 +185,9 @@ class LoRAStrategy(Strategy):
     # Whether the aggregation residual can be computed (FedSA-LoRA: the server never sees
     # the clients' B factors).
     reports_residual: bool = True
+    # Whether client-level DP applies (docs/privacy.md): the aggregate must be an average
+    # of the clients' updates, per coordinate, so that noise on the sums bounds one client.
+    supports_dp: bool = True
 
     def __init__(
         self,
@@ -195,6 +199,7 @@ class LoRAStrategy(Strategy):
         max_examples: int = 10_000_000,
         clip_factor: float = 0.0,
         weight_clip: float = 0.0,
+        dp: DPConfig | None = None,
     ) -> None:
         if not 0.0 <= fraction_train <= 1.0 or not 0.0 <= fraction_evaluate <= 1.0:
             raise ValueError("fractions must lie in [0, 1]")
@@ -213,6 +218,14 @@ class LoRAStrategy(Strategy):
         self.max_examples = max_examples
         self.clip_factor = clip_factor
         self.weight_clip = weight_clip
+        self.dp = dp or DPConfig()
+        self.dp.check()
+        if self.dp.enabled and not self.supports_dp:
+            raise ValueError(f"{type(self).__name__} does not support dp.mode={self.dp.mode}")
+        self.accountant = PrivacyAccountant(self.dp.noise_multiplier, self.dp.delta)
+        # DP noise from the OS, not from the run's seed: noise anyone can regenerate from
+        # the run config could be subtracted again (DP runs do not repeat bit for bit)
+        self._dp_rng = np.random.default_rng()
         self.stats: dict[int, RoundStats] = {}
         self._global: LoraState | None = None
         # This round's training instructions by node (their message ids are set when the
@@ -220,6 +233,7 @@ class LoRAStrategy(Strategy):
         self._round = 0
         self._sent: dict[int, Message] = {}
         self._eval_nodes: set[int] = set()
+        self._sampling_rate = 1.0
 
     # ------------------------------------------------------------------ hooks
     @classmethod
@@ -295,6 +309,15 @@ class LoRAStrategy(Strategy):
         """Combine validated client updates into the next global state."""
         raise NotImplementedError
 
+    def dp_counts(self, updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
+        """Per array (broadcastable), how many clients' updates its average divides by:
+        the noise on a sum of clipped updates, divided by this, is the noise on the
+        average (:func:`~haflq_flower.privacy.add_average_noise`). Default: every array
+        a client sent, averaged over all the round's updates (FedIT, FFA-LoRA,
+        FedSA-LoRA)."""
+        keys = {k for u in updates for k in u.payload}
+        return {k: np.asarray(float(sum(k in u.payload for u in updates))) for k in keys}
+
     def update_delta(self, update: ClientUpdate) -> LoraState:
         """The client's change to the global state (default: each array it sent minus the
         global one, in float64 so that it cannot overflow); its norm is what
@@ -349,6 +372,7 @@ class LoRAStrategy(Strategy):
         self._global = from_array_record(arrays)
         stats = self.stats.setdefault(server_round, RoundStats(round=server_round))
         node_ids = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes)
+        self._sampling_rate = len(node_ids) / max(len(grid.get_node_ids()), len(node_ids), 1)
         self._round, self._sent = server_round, {}
         self.prepare_round(server_round, grid, node_ids)
         start = time.perf_counter()
@@ -511,6 +535,10 @@ class LoRAStrategy(Strategy):
             if not updates:
                 raise AggregationError("no update left after clipping")
             new_state = self.aggregate(server_round, self._global, updates)
+            if self.dp.mode == CENTRAL:
+                new_state = add_average_noise(
+                    new_state, self.dp_counts(updates), self.dp.noise_std, self._dp_rng
+                )
             check_global(new_state, self.value_limit())
         except AggregationError as err:
             log.warning("round %d: %s; the global adapter is unchanged", server_round, err)
@@ -518,6 +546,8 @@ class LoRAStrategy(Strategy):
             stats.strategy_s += time.perf_counter() - start
             return None, None
         stats.extra["update"] = "applied"
+        if self.dp.enabled:
+            self._account(server_round, stats)
         stats.strategy_s += time.perf_counter() - start
         # a diagnostic, timed apart from the strategy: how far the new global model is
         # from the average of the clients' models (docs/algorithms.md)
@@ -587,8 +617,19 @@ class LoRAStrategy(Strategy):
     def _clip(self, updates: list[ClientUpdate], stats: RoundStats) -> None:
         """Cap weights (:attr:`weight_clip`) and update norms (:attr:`clip_factor`). Norms
         are taken in float64 of validated (finite, in-range) values, so they are finite;
-        an update whose norm is not (impossible after validation) is dropped, not fatal."""
-        if self.weight_clip > 0:
+        an update whose norm is not (impossible after validation) is dropped, not fatal.
+        Under DP every client weighs the same, and (central) every decoded update is
+        clipped to ``dp.clip`` again: the device clipped it before quantizing, and the
+        stochastic quantizer may have lengthened it a little."""
+        if self.dp.enabled:
+            for update in updates:
+                update.num_examples = 1
+        if self.dp.mode == CENTRAL:
+            for update in updates:
+                norm = state_norm(self.update_delta(update))
+                if norm > self.dp.clip:
+                    self.scale_update(update, self.dp.clip / norm)
+        if self.weight_clip > 0 and not self.dp.enabled:
             weights = clip_weights([u.num_examples for u in updates], self.weight_clip)
             capped = {}
             for update, weight in zip(updates, weights, strict=True):
@@ -618,6 +659,28 @@ class LoRAStrategy(Strategy):
                     scale,
                 )
         stats.extra["clipped"] = {str(k): v for k, v in clipped.items()}
+
+    def _account(self, server_round: int, stats: RoundStats) -> None:
+        """One more sampled Gaussian mechanism: central, at this round's sampling rate
+        (sampled nodes / connected nodes); local, rate 1 (each device's own mechanism)."""
+        rate = 1.0 if self.dp.mode != CENTRAL else self._sampling_rate
+        self.accountant.add_round(rate)
+        stats.extra["dp_rate"] = rate
+        stats.extra["dp_epsilon"] = self.accountant.epsilon()
+        log.info(
+            "round %d: DP (%s, z=%.3g, C=%.3g): epsilon %.3f at delta %.1e after %d round(s)",
+            server_round,
+            self.dp.mode,
+            self.dp.noise_multiplier,
+            self.dp.clip,
+            stats.extra["dp_epsilon"],
+            self.dp.delta,
+            len(self.accountant.rates),
+        )
+
+    def restore_privacy(self, rounds: list[dict[str, Any]]) -> None:
+        """A resumed run's accountant: the sampling rates its results recorded."""
+        self.accountant.rates = [float(r["dp_rate"]) for r in rounds if r.get("dp_rate")]
 
     def start(
         self,

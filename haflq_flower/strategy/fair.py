@@ -18,6 +18,8 @@ class LoRAFAIR(FedITTruncated):
     clients receive the corrected (B, A) as usual.
     """
 
+    supports_dp = False  # not an average of the updates: noise on sums does not apply
+
     regularizer = FAIR_REGULARIZER
 
     def aggregate_lora(

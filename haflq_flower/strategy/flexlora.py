@@ -20,6 +20,8 @@ class FlexLoRA(HetLoRA):
     d_out x d_in matrix. Uploads are fp32 (the paper's setting).
     """
 
+    supports_dp = False  # not an average of the updates: noise on sums does not apply
+
     def aggregate_lora(
         self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
     ) -> LoraState:

@@ -41,6 +41,8 @@ class FLoRA(HetLoRA):
     the model it describes is the base with :meth:`base_merge` merged in.
     """
 
+    supports_dp = False  # not an average of the updates: noise on sums does not apply
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.stacks: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}

@@ -40,11 +40,14 @@ from ..lora.aggregate import (
 )
 from ..lora.components import (
     Selection,
+    a_key,
+    b_key,
     check_selection,
     full_selection,
     gather,
     lora_modules,
     module_rank,
+    other_keys,
 )
 from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance, clip_scores
 from ..lora.robust import scale_state
@@ -335,6 +338,30 @@ class HAFLQStrategy(LoRAStrategy):
         )
 
     # ------------------------------------------------------------ checkpoints
+    # True where the aggregate divides every component by all the round's clients
+    # (FedIT-trunc's zero-padded average), whatever ``aggregation`` says
+    padded_average: bool = False
+
+    def dp_counts(self, updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
+        """Adaptive: each component's average divides by the clients that uploaded it
+        (the server assigned the components, so the counts are public); zero-padding:
+        by every client of the round. The head: by every client."""
+        total = float(len(updates))
+        counts: dict[str, np.ndarray] = {}
+        for module in lora_modules(self._global):
+            rank = module_rank(self._global, module)
+            if self.aggregation == ADAPTIVE and not self.padded_average:
+                per = np.zeros(rank)
+                for u in updates:
+                    per[u.payload.selection[module]] += 1.0
+            else:
+                per = np.full(rank, total)
+            counts[a_key(module)] = per[:, None]
+            counts[b_key(module)] = per[None, :]
+        for key in other_keys(self._global):
+            counts[key] = np.asarray(total)
+        return counts
+
     def update_delta(self, update: ClientUpdate) -> LoraState:
         return update.payload.delta
 

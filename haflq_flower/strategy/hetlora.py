@@ -19,6 +19,9 @@ class HetLoRA(HAFLQStrategy):
     optional local rank self-pruning is not implemented.
     """
 
+    # norm-based weights: one client's weight depends on its own update (docs/privacy.md)
+    supports_dp = False
+
     def __init__(self, **kwargs) -> None:
         kwargs["mode"] = TRUNCATE
         kwargs.setdefault("uplink", "fp32")
@@ -50,6 +53,9 @@ class FedITTruncated(HetLoRA):
     components; the server zero-pads and averages the *values* with FedAvg's weights
     ``p_k = n_k / sum_j n_j`` (so a component only some clients hold is diluted by the
     others' zeros). HetLoRA with n_k weights in place of its norm weights."""
+
+    supports_dp = True  # an average (equal weights under DP) divided by every client
+    padded_average = True
 
     def aggregate_lora(
         self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
