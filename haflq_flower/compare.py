@@ -115,6 +115,16 @@ def bound_low(common: Mapping[str, Any]) -> dict[str, Any]:
 # client at the global rank R, and FedIT with every client at the smallest tier rank.
 ARMS["bound-high"] = {"strategy.name": "fedit"}
 ARMS["bound-low"] = bound_low
+# Client-level DP on HAFLQ (docs/privacy.md), central noise, C = 1: clipping alone
+# (z = 0, epsilon = inf: what clipping, equal weights and no importance scores cost), and
+# two noise levels (4 rounds, every client every round: epsilon 22,112 and 10.7 at 1e-5)
+for _name, _z in (("haflq-dp-clip", 0.0), ("haflq-dp-z0.01", 0.01), ("haflq-dp-z1", 1.0)):
+    ARMS[_name] = {
+        **ARMS["haflq"],
+        "dp.mode": "central",
+        "dp.clip": 1.0,
+        "dp.noise-multiplier": _z,
+    }
 # HAFL: HAFLQ's selection and aggregation with full-precision uploads (so a gap can be
 # pinned on payload quantization or on selection and aggregation)
 ARMS["haflq-fp32"] = {**ARMS["haflq"], "payload.uplink": "fp32"}
