@@ -16,6 +16,8 @@ import pandas as pd
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from .config import RunConfig, parse_run_config
 from .data import client_partition, device_frame, load_task, tokenize
@@ -267,7 +269,9 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
             context.state[PERSONAL_B_KEY] = to_array_record(only_factor(state, B_SUFFIX))
             state = without_factor(state, B_SUFFIX)
         upload = trainable_part(state) if freeze_a else state
-        if cfg.dp.enabled:  # clip (and, local DP, noise) the change to what it received
+        # clip (and, local DP, noise) the change to what it received; where Flower's DP
+        # wrapper sent its clipping norm, Flower's fixedclipping_mod clips the reply
+        if cfg.dp.enabled and KEY_CLIPPING_NORM not in node_cfg:
             delta = _privatize(OrderedDict((k, v - received[k]) for k, v in upload.items()), cfg)
             upload = OrderedDict((k, received[k] + d) for k, d in delta.items())
         records = {ARRAYS_KEY: to_array_record(upload)}
@@ -483,6 +487,16 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
+def flower_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``fixedclipping_mod`` for the training messages that ask for it (Flower's
+    DP wrapper put its clipping norm in the config: FedIT under central DP); every other
+    message passes through untouched."""
+    node_cfg = msg.content.config_records.get(CONFIG_KEY)
+    if node_cfg is not None and KEY_CLIPPING_NORM in node_cfg:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``overrides`` win over the run config (for in-process simulations)."""
     client_app = ClientApp()
@@ -491,7 +505,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         setup_logging()
         return parse_run_config({**dict(context.run_config), **(overrides or {})})
 
-    @client_app.train()
+    @client_app.train(mods=[flower_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, config(context))
 

@@ -250,3 +250,54 @@ def test_dp_runs_report_epsilon_per_round(tmp_path, strategy, mode):
         assert all(c["num_examples"] == 1 for c in r["clients"])
         # no loss reported (NaN, written as null in results.json)
         assert all(c["train_loss"] is None for c in r["clients"])
+
+
+def test_fedit_central_dp_runs_through_flowers_wrapper_with_its_noise_scale():
+    """FedIT under central DP: Flower's wrapper puts its clipping norm in every training
+    config and adds noise of std z C / K to the average of the K replies; our own noise
+    is not added on top."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from haflq_flower.lora.state import from_array_record, to_array_record
+    from haflq_flower.strategy import FedIT
+
+    from .test_reliability import NodesGrid, _fedit_reply
+
+    state = OrderedDict(w=np.zeros(200_000, np.float32))
+    strategy = FedIT(dp=DPConfig("central", clip=0.5, noise_multiplier=2.0))
+    assert not strategy.adds_own_noise
+    msgs = list(
+        strategy.configure_train(1, to_array_record(state), ConfigRecord(), NodesGrid([1, 2, 3, 4]))
+    )
+    assert all(m.content["config"][KEY_CLIPPING_NORM] == 0.5 for m in msgs)
+    replies = [_fedit_reply(m, state, 0.0, n=1) for m in msgs]  # no change: only noise
+    out = from_array_record(strategy.aggregate_train(1, replies)[0])["w"]
+    assert np.std(out) == pytest.approx(2.0 * 0.5 / 4, rel=0.02)
+    assert strategy.stats[1].extra["dp_epsilon"] > 0
+
+
+def test_flower_clipping_mod_clips_fedit_replies_and_leaves_other_messages_alone():
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from haflq_flower.client_app import flower_clipping_mod
+    from haflq_flower.lora.state import from_array_record, to_array_record
+
+    sent = OrderedDict(w=np.ones(100, np.float32))
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def answer(msg, context):
+        back = OrderedDict(w=np.full(100, 3.0, np.float32))  # change of norm 20
+        content = RecordDict({"arrays": to_array_record(back)})
+        return Message(content=content, reply_to=msg)
+
+    def train_message(config):
+        content = RecordDict({"arrays": to_array_record(sent), "config": ConfigRecord(config)})
+        return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+    clipped = flower_clipping_mod(train_message({KEY_CLIPPING_NORM: 2.0}), ctx, answer)
+    change = from_array_record(clipped.content["arrays"])["w"] - sent["w"]
+    assert np.linalg.norm(change) == pytest.approx(2.0, rel=1e-5)
+    untouched = flower_clipping_mod(train_message({"server-round": 1}), ctx, answer)
+    np.testing.assert_array_equal(from_array_record(untouched.content["arrays"])["w"], 3.0)

@@ -309,6 +309,11 @@ class LoRAStrategy(Strategy):
         """Combine validated client updates into the next global state."""
         raise NotImplementedError
 
+    @property
+    def adds_own_noise(self) -> bool:
+        """Central DP with our noise on the sums (FedIT uses Flower's wrapper instead)."""
+        return self.dp.mode == CENTRAL
+
     def dp_counts(self, updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
         """Per array (broadcastable), how many clients' updates its average divides by:
         the noise on a sum of clipped updates, divided by this, is the noise on the
@@ -535,7 +540,7 @@ class LoRAStrategy(Strategy):
             if not updates:
                 raise AggregationError("no update left after clipping")
             new_state = self.aggregate(server_round, self._global, updates)
-            if self.dp.mode == CENTRAL:
+            if self.adds_own_noise:
                 new_state = add_average_noise(
                     new_state, self.dp_counts(updates), self.dp.noise_std, self._dp_rng
                 )

@@ -73,6 +73,7 @@ class FedSALoRA(FedIT):
     """
 
     reports_residual = False
+    flower_dp = False  # the server's B is not the clients': noise there would be noise only
 
     @classmethod
     def check_run_config(cls, cfg: RunConfig) -> None:

@@ -31,6 +31,8 @@ class FFALoRA(FedIT):
     half of FedIT's upload). Ranks are homogeneous (every client at R).
     """
 
+    flower_dp = False  # its reply lacks A: Flower's fixedclipping_mod needs every key
+
     def train_records(
         self, server_round: int, node_id: int, global_state: LoraState
     ) -> dict[str, ArrayRecord | ConfigRecord]:
