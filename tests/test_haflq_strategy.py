@@ -12,7 +12,7 @@ from haflq_flower.lora.components import gather
 from haflq_flower.lora.state import from_array_record, to_array_record
 from haflq_flower.profiles import ClientProfile, TierTable, resolve_profile
 from haflq_flower.strategy import HAFLQStrategy, HetLoRA
-from haflq_flower.strategy.haflq import (
+from haflq_flower.wire import (
     PROFILE_KEY,
     PROFILE_QUERY,
     SCORES_KEY,

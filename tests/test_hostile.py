@@ -26,8 +26,8 @@ from haflq_flower.quant.payload import (
     record_bytes,
 )
 from haflq_flower.strategy import FedIT, HAFLQStrategy
-from haflq_flower.strategy.haflq import SCORES_KEY
 from haflq_flower.untrusted import FLOAT32_MAX, printable, within
+from haflq_flower.wire import SCORES_KEY
 
 from .test_haflq_strategy import D_IN, D_OUT, TIERS, FakeGrid, RawProfileGrid, _reply, _round
 from .test_reliability import _fedit_reply, _fedit_round

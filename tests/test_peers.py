@@ -443,7 +443,6 @@ def test_value_peers_rebuild_client_values_from_the_global_as_sent(bits):
     up = _upload(1, R, 0)  # one client holding every component: output = its values
     strategy = FedITTruncated(downlink_bits=bits)
     strategy._global = glob
-    strategy._init_importance(glob)
     strategy.stats[1] = RoundStats(round=1)
     payload = ComponentPayload(up.selection, up.delta, up.selection, {M: np.zeros(R)})
     new = strategy.aggregate(1, glob, [ClientUpdate(0, payload, 1, {})])

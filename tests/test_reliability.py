@@ -225,7 +225,7 @@ def test_haflq_clips_component_deltas():
 
 
 def _delta_shapes(msg):
-    from haflq_flower.strategy.haflq import record_to_arrays
+    from haflq_flower.wire import record_to_arrays
 
     return list(record_to_arrays(msg.content.array_records["arrays"]).values())
 

@@ -15,6 +15,7 @@ from .ffa import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .haflq import HAFLQStrategy
+from .heterogeneous import HeterogeneousLoRA
 from .hetlora import FedITTruncated, HetLoRA
 
 if TYPE_CHECKING:
@@ -86,33 +87,36 @@ def build_strategy(cfg: RunConfig) -> LoRAStrategy:
         dp=cfg.dp,
     )
     cls = strategy_class(cfg.strategy.name)
+    if not issubclass(cls, HeterogeneousLoRA):
+        return cls(**common)
+    payload = cfg.strategy.payload
+    kwargs = dict(
+        mode=cfg.strategy.mode,
+        aggregation=cfg.strategy.aggregation,
+        downlink_bits=payload.downlink_bits,
+        widths=payload.widths,
+        channel=cfg.strategy.channel,
+        max_uplink_bps=cfg.strategy.max_uplink_bps,
+        # profile and block-salience queries wait as long as a training round
+        query_timeout=cfg.strategy.round_timeout,
+        max_memory_mb=cfg.strategy.max_memory_mb,
+        blocks=BlockPlanner(
+            precision=cfg.strategy.blocks.precision,
+            metric=cfg.strategy.blocks.salience_metric,
+            calibration_rows=cfg.strategy.blocks.calibration_rows,
+            calibration_clients=cfg.strategy.blocks.calibration_clients,
+            seed=cfg.seed,
+        ),
+    )
+    if payload.uplink != "auto":  # auto: the class's own default
+        kwargs["uplink"] = payload.uplink
     if issubclass(cls, HAFLQStrategy):
-        payload = cfg.strategy.payload
-        kwargs = dict(
-            mode=cfg.strategy.mode,
-            aggregation=cfg.strategy.aggregation,
+        kwargs.update(
             importance_smoothing=cfg.strategy.importance.smoothing,
             tie_break=cfg.strategy.importance.tie_break,
-            widths=payload.widths,
-            downlink_bits=payload.downlink_bits,
-            channel=cfg.strategy.channel,
-            max_uplink_bps=cfg.strategy.max_uplink_bps,
-            # profile and block-salience queries wait as long as a training round
-            query_timeout=cfg.strategy.round_timeout,
-            max_memory_mb=cfg.strategy.max_memory_mb,
             score_clip=cfg.strategy.score_clip,
-            blocks=BlockPlanner(
-                precision=cfg.strategy.blocks.precision,
-                metric=cfg.strategy.blocks.salience_metric,
-                calibration_rows=cfg.strategy.blocks.calibration_rows,
-                calibration_clients=cfg.strategy.blocks.calibration_clients,
-                seed=cfg.seed,
-            ),
         )
-        if payload.uplink != "auto":  # auto: the class's own default
-            kwargs["uplink"] = payload.uplink
-        return cls(**kwargs, **common)
-    return cls(**common)
+    return cls(**kwargs, **common)
 
 
 __all__ = [
@@ -127,6 +131,7 @@ __all__ = [
     "FlexLoRA",
     "HAFLQStrategy",
     "HetLoRA",
+    "HeterogeneousLoRA",
     "LoRAFAIR",
     "LoRAStrategy",
     "ReplyError",

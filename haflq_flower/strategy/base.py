@@ -240,7 +240,8 @@ class LoRAStrategy(Strategy):
     def check_run_config(cls, cfg: RunConfig) -> None:
         """Raise :class:`~haflq_flower.config.ConfigError` if the run config asks for
         something this strategy cannot do (checked when the run config is parsed).
-        Default: no per-client block precision (only HAFLQ and its subclasses assign it)."""
+        Default: no per-client block precision (only HeterogeneousLoRA and its
+        subclasses assign it)."""
         if cfg.strategy.blocks.enabled:
             raise ConfigError(
                 f"run config 'blocks.precision={cfg.strategy.blocks.precision}' needs a "

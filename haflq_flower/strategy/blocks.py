@@ -1,7 +1,7 @@
 """Server side of block-wise base precision: salience from calibration nodes, and each
 node's bit pattern from its memory budget.
 
-:class:`BlockPlanner` is used by :class:`~haflq_flower.strategy.haflq.HAFLQStrategy`
+:class:`BlockPlanner` is used by :class:`~haflq_flower.strategy.heterogeneous.HeterogeneousLoRA`
 (and its subclasses). The allocation math lives in :mod:`haflq_flower.quant.blocks`;
 this module only gathers what it needs (the model's layout, the salience) and talks to
 the nodes.

@@ -1,268 +1,81 @@
 """HAFLQ's heterogeneous LoRA strategy: importance-based selection, freezing or
-truncation, and adaptive rank-1 aggregation.
+truncation, adaptive rank-1 aggregation and the bandwidth-adaptive uplink.
 
-Each round the strategy
-
-1. asks every node it has not met yet for its profile (a ``query.profile`` message; a
-   node that answers nothing usable gets the default profile and a warning);
-2. turns each sampled node's profile into a rank budget r_k (:meth:`client_budget`) and
-   picks its components per LoRA module (:meth:`select_components`: the top r_k by
-   global importance);
-3. sends each node its own message: in ``freeze`` mode the whole rank-R adapter plus
-   the selection, in ``truncate`` mode only the selected components;
-4. receives, per node, the deltas of the components it trained, their indices and
-   their importance scores, validates them, aggregates them per component
-   (:meth:`aggregate_lora`) and updates the global importance (:meth:`update_importance`).
+:class:`HAFLQStrategy` is the neutral :class:`~.heterogeneous.HeterogeneousLoRA` with
+HAFLQ's own decisions: each node's components are the top r_k by global importance
+(:meth:`select_components`), the clients' importance scores are folded into that global
+importance after every round (:meth:`update_importance`), and the defaults are freezing,
+adaptive aggregation and the adaptive uplink.
 
 Subclass and override the hooks to change a decision; see docs/extending.md.
 """
 
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from ..config import ChannelConfig, RunConfig
-from ..lora.aggregate import (
-    ADAPTIVE,
-    AGGREGATIONS,
-    ComponentUpload,
-    aggregate_components,
-    apply_deltas,
-    client_values,
-    component_counts,
-)
-from ..lora.components import (
-    Selection,
-    a_key,
-    b_key,
-    check_selection,
-    full_selection,
-    gather,
-    lora_modules,
-    module_rank,
-    other_keys,
-)
+from ..lora.aggregate import ADAPTIVE
+from ..lora.components import Selection
 from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance, clip_scores
-from ..lora.robust import scale_state
-from ..lora.state import (
-    LoraState,
-    check_state,
-    from_array_record,
-    record_dict_bytes,
-    to_array_record,
-)
-from ..lora.view import FREEZE, MODES, TRUNCATE
-from ..profiles import ClientProfile, ProfileError
-from ..quant.blocks import pattern_to_str
-from ..quant.channel import round_budget_bits, shannon_rate_bps
-from ..quant.payload import (
-    WIDTHS,
-    Layout,
-    PayloadError,
-    bound_budget,
-    decode,
-    delta_from_components,
-    encode_downlink,
-    fixed_payload_bytes,
-    layout_of,
-    max_payload_bytes,
-)
-from ..untrusted import FLOAT16_MAX, FLOAT32_MAX, printable, within
-from ..wire import (
-    DOWN_KEY,
-    PAYLOAD_KEY,
-    PROFILE_KEY,
-    PROFILE_QUERY,
-    SCORES_KEY,
-    SELECTION_KEY,
-    record_to_arrays,
-    selection_to_record,
-)
-from .base import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    ClientRoundStats,
-    ClientUpdate,
-    LoRAStrategy,
-    ReplyError,
-    check_global,
-    check_record_bytes,
-    state_record_limit,
-)
-from .blocks import BlockPlanner
+from ..lora.view import FREEZE
+from .base import ClientUpdate
+from .heterogeneous import UPLINKS, Assignment, ComponentPayload, HeterogeneousLoRA
 
-log = logging.getLogger(__name__)
-
-UPLINKS = ("adaptive", "fp16", "fp32")
+__all__ = ["Assignment", "ComponentPayload", "HAFLQStrategy", "UPLINKS"]
 
 
-@dataclass
-class Assignment:
-    """What one node was asked to do this round."""
-
-    profile: ClientProfile
-    rank: int
-    selection: Selection
-    budget_bytes: int = 0
-    block_bits: tuple[int, ...] | None = None
-
-
-@dataclass
-class ComponentPayload:
-    """A decoded HAFLQ reply.
-
-    ``selection``/``delta``: the components that were uploaded (and so are aggregated);
-    ``trained``/``scores``: every component the client trained, with its importance (a
-    component dropped from the upload for lack of bandwidth still reports its score).
-    """
-
-    selection: Selection
-    delta: LoraState
-    trained: Selection
-    scores: dict[str, np.ndarray]
-
-
-class HAFLQStrategy(LoRAStrategy):
+class HAFLQStrategy(HeterogeneousLoRA):
     """Heterogeneous federated LoRA with importance-based freezing/truncation.
 
     Parameters
     ----------
     mode : str (default: "freeze")
-        ``freeze``: clients hold all R components and train their r_k selected ones;
-        ``truncate``: clients hold only their r_k selected components.
+        See :class:`~.heterogeneous.HeterogeneousLoRA`.
     aggregation : str (default: "adaptive")
-        ``adaptive``: each component's delta is averaged over the clients that uploaded
-        it; ``zero-pad``: over all participants (missing counts as zero).
-    default_profile : ClientProfile
-        Used for a node that reports no usable profile.
+        See :class:`~.heterogeneous.HeterogeneousLoRA`.
+    uplink : str (default: "adaptive")
+        See :class:`~.heterogeneous.HeterogeneousLoRA`.
     importance_smoothing : float (default: 0.5)
         Weight of the previous round's global importance when new scores arrive.
     tie_break : str (default: "index")
         Equal scores (round 1: all zero) go to the lower index, or to a seeded order.
-    query_timeout : float (default: 300.0)
-        Seconds to wait for profile replies.
-    uplink : str (default: "adaptive")
-        ``adaptive``: importance-aware bit widths under each client's channel budget,
-        bit-packed; ``fp16``/``fp32``: every trained component at that precision.
-    widths : tuple of int (default: (16, 8, 4, 2))
-        Widths the adaptive uplink may use.
-    downlink_bits : int (default: 16)
-        Precision of the adapter sent to clients: 32, 16 (float16) or 8 (per-vector 8-bit
-        codes, stochastic rounding, head in float16).
-    channel : ChannelConfig, optional
-        Bandwidth, transmit power and upload deadline of the channel model (defaults:
-        1 MHz, 0.1 W, 3 s).
-    blocks : BlockPlanner, optional
-        Block-wise base precision per node (default: off, the base is quantized as
-        ``model.quantization`` says). Its ``layout`` must be set before the run.
-    max_uplink_bps : float (default: 1e9)
-        Server-side cap on a profile's self-reported ``uplink-bps`` (0 = no cap).
-    max_memory_mb : float (default: 262144)
-        Server-side cap on a profile's self-reported ``memory-mb`` (0 = no cap).
     score_clip : float (default: 0.0)
         If > 0, every reported importance score is capped at ``score_clip`` times the
         lower median of the round's per-reply maximum scores and the current global
         maximum (:func:`~haflq_flower.lora.importance.clip_scores`). The run config's
         default is 10 (``importance.score-clip``).
     **kwargs
-        Passed to :class:`LoRAStrategy` (fractions, minimum nodes, seed).
+        Passed to :class:`~.heterogeneous.HeterogeneousLoRA` (profiles, downlink, channel,
+        blocks) and :class:`LoRAStrategy` (fractions, minimum nodes, seed, DP).
     """
 
     def __init__(
         self,
         mode: str = FREEZE,
         aggregation: str = ADAPTIVE,
-        default_profile: ClientProfile | None = None,
+        uplink: str = "adaptive",
         importance_smoothing: float = 0.5,
         tie_break: str = "index",
-        query_timeout: float = 300.0,
-        uplink: str = "adaptive",
-        widths: tuple[int, ...] = WIDTHS,
-        downlink_bits: int = 16,
-        channel: ChannelConfig | None = None,
-        blocks: BlockPlanner | None = None,
-        max_uplink_bps: float = 1e9,
-        max_memory_mb: float = 262_144.0,
         score_clip: float = 0.0,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        super().__init__(mode=mode, aggregation=aggregation, uplink=uplink, **kwargs)
         if tie_break not in TIE_BREAKS:
             raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
-        if uplink not in UPLINKS:
-            raise ValueError(f"uplink must be one of {UPLINKS}, got {uplink!r}")
-        if downlink_bits not in (8, 16, 32):
-            raise ValueError(f"downlink_bits must be 8, 16 or 32, got {downlink_bits}")
-        for name, value in (
-            ("max_uplink_bps", max_uplink_bps),
-            ("max_memory_mb", max_memory_mb),
-            ("score_clip", score_clip),
-        ):
-            if not (value >= 0 and np.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        self.max_uplink_bps = max_uplink_bps
-        self.max_memory_mb = max_memory_mb
+        if not (score_clip >= 0 and np.isfinite(score_clip)):
+            raise ValueError(f"score_clip must be a finite number >= 0, got {score_clip}")
         self.score_clip = score_clip
-        self.mode = mode
-        self.aggregation = aggregation
-        self.uplink = uplink
-        self.widths = tuple(widths)
-        self.downlink_bits = downlink_bits
-        self.channel = channel or ChannelConfig(bandwidth_hz=1e6, power_w=0.1, deadline_s=3.0)
-        self.default_profile = default_profile or ClientProfile()
-        self.blocks = blocks or BlockPlanner(seed=self.seed)
         self.importance_smoothing = importance_smoothing
         self.tie_break = tie_break
-        self.query_timeout = query_timeout
-        self.profiles: dict[int, ClientProfile] = {}
         self.importance: GlobalImportance | None = None
-        self.assignments: dict[int, Assignment] = {}
         self._tie_order: np.ndarray | None = None
-
-    # ------------------------------------------------------------ user hooks
-    @classmethod
-    def check_run_config(cls, cfg: RunConfig) -> None:
-        """Every setting is allowed: block precision is assigned per node."""
-
-    def client_budget(self, node_id: int, profile: ClientProfile, global_rank: int) -> int:
-        """r_k for a node: its profile's LoRA rank, clipped to [1, R]."""
-        return profile.budget(global_rank)
-
-    def uplink_budget_bytes(self, node_id: int, profile: ClientProfile) -> int:
-        """C_k / 8: the node's measured rate, or the Shannon rate at its distance (1.5 km,
-        the middle of the default spread, when the profile gives none), times the upload
-        deadline."""
-        rate = profile.uplink_bps or shannon_rate_bps(
-            self.channel.bandwidth_hz, self.channel.power_w, profile.distance_km or 1.5
-        )
-        return round_budget_bits(rate, self.channel.deadline_s) // 8
-
-    def block_bits(self, node_id: int, profile: ClientProfile) -> tuple[int, ...] | None:
-        """The node's base precision per transformer block (``None``: block precision
-        is off). Default: :meth:`BlockPlanner.pattern_for` (salience-ordered upgrades
-        4 -> 8 -> 16 bits within the profile's ``memory-mb``)."""
-        return self.blocks.pattern_for(node_id, profile)
 
     def select_components(self, server_round: int, node_id: int, budget: int) -> Selection:
         """The node's components per module: the top ``budget`` by global importance."""
         return self.importance.select(budget, self._tie_order)
-
-    def aggregate_lora(
-        self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
-    ) -> LoraState:
-        """Combine the uploaded component deltas (rule: ``self.aggregation``)."""
-        return aggregate_components(global_state, uploads, self.aggregation)
 
     def update_importance(self, server_round: int, updates: list[ClientUpdate]) -> None:
         """Fold the clients' reported scores into the global importance (n_k-weighted),
@@ -276,118 +89,31 @@ class HAFLQStrategy(LoRAStrategy):
             reports = clip_scores(reports, self.score_clip, reference)
         self.importance.update(reports)
 
-    def value_limit(self) -> float:
-        """float16's range when the global is sent as float16 (16-bit downlink, and the
-        head of the 8-bit one), else float32's."""
-        return FLOAT16_MAX if self.downlink_bits in (8, 16) else FLOAT32_MAX
+    def prepare_round(self, server_round: int, grid: Grid, node_ids: list[int]) -> None:
+        self._init_importance()
+        super().prepare_round(server_round, grid, node_ids)
 
-    # -------------------------------------------------------------- profiles
-    def query_profiles(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
-        """Ask nodes without a known profile for theirs (one ``query.profile`` each)."""
-        unknown = [n for n in node_ids if n not in self.profiles]
-        if not unknown:
-            return
-        messages = [
-            Message(
-                content=RecordDict({CONFIG_KEY: ConfigRecord({"server-round": server_round})}),
-                dst_node_id=n,
-                message_type=PROFILE_QUERY,
-            )
-            for n in unknown
-        ]
-        stats = self.stats[server_round]
-        stats.control_bytes += sum(record_dict_bytes(m.content) for m in messages)
-        replies: dict[int, list[Message]] = {}
-        for m in grid.send_and_receive(messages, timeout=self.query_timeout):
-            replies.setdefault(m.metadata.src_node_id, []).append(m)
-        for node_id in unknown:
-            answers = replies.get(node_id, [])
-            try:
-                if not answers:
-                    raise ProfileError("no reply")
-                if len(answers) > 1:
-                    raise ProfileError(f"{len(answers)} replies to one query")
-                reply = answers[0]
-                if reply.has_error():
-                    raise ProfileError(f"client error: {reply.error.reason}")
-                if reply.metadata.message_type != PROFILE_QUERY:
-                    raise ProfileError(f"reply of type {reply.metadata.message_type!r}")
-                stats.control_bytes += record_dict_bytes(reply.content)
-                if PROFILE_KEY not in reply.content.config_records:
-                    raise ProfileError(f"reply lacks the '{PROFILE_KEY}' record")
-                record = reply.content.config_records[PROFILE_KEY]
-                profile = ClientProfile.from_mapping(dict(record))
-                profile, note = profile.capped(self.max_uplink_bps, self.max_memory_mb)
-                if note:
-                    log.warning("node %d: profile %s", node_id, note)
-                self.profiles[node_id] = profile
-            except (ProfileError, KeyError, TypeError) as err:
-                log.warning(
-                    "node %d: no usable profile (%s); using the default %s",
-                    node_id,
-                    printable(err),
-                    self.default_profile,
-                )
-                self.profiles[node_id] = self.default_profile
-        log.info(
-            "profiles: %s",
-            ", ".join(
-                f"node {n}: {printable(self.profiles[n].tier, 64)}/r={self.profiles[n].lora_rank}"
-                for n in unknown
-            ),
-        )
-
-    # ------------------------------------------------------------ checkpoints
-    # True where the aggregate divides every component by all the round's clients
-    # (FedIT-trunc's zero-padded average), whatever ``aggregation`` says
-    padded_average: bool = False
-
-    def dp_counts(self, updates: list[ClientUpdate]) -> dict[str, np.ndarray]:
-        """Adaptive: each component's average divides by the clients that uploaded it
-        (the server assigned the components, so the counts are public); zero-padding:
-        by every client of the round. The head: by every client."""
-        total = float(len(updates))
-        counts: dict[str, np.ndarray] = {}
-        for module in lora_modules(self._global):
-            rank = module_rank(self._global, module)
-            if self.aggregation == ADAPTIVE and not self.padded_average:
-                per = np.zeros(rank)
-                for u in updates:
-                    per[u.payload.selection[module]] += 1.0
-            else:
-                per = np.full(rank, total)
-            counts[a_key(module)] = per[:, None]
-            counts[b_key(module)] = per[None, :]
-        for key in other_keys(self._global):
-            counts[key] = np.asarray(total)
-        return counts
-
-    def update_delta(self, update: ClientUpdate) -> LoraState:
-        return update.payload.delta
-
-    def scale_update(self, update: ClientUpdate, scale: float) -> None:
-        update.payload.delta = scale_state(update.payload.delta, scale)
+    def _init_importance(self) -> None:
+        rank = self.global_rank
+        if self.importance is None:
+            self.importance = GlobalImportance(self.modules, rank, self.importance_smoothing)
+        if self._tie_order is None and self.tie_break == "seed":
+            perm = np.random.default_rng(self.seed).permutation(rank)
+            self._tie_order = np.argsort(perm)
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Profiles by node, the global importance (scores and which components were ever
-        reported) and the block salience."""
-        meta: dict[str, Any] = {
-            "profiles": {str(n): p.to_record() for n, p in self.profiles.items()},
-            "importance_modules": list(self.importance.modules) if self.importance else None,
-        }
-        arrays: dict[str, np.ndarray] = {}
+        """The base's (profiles, block salience) and the global importance (scores and
+        which components were ever reported)."""
+        meta, arrays = super().state_dict()
+        meta["importance_modules"] = list(self.importance.modules) if self.importance else None
         if self.importance is not None:
             for m in self.importance.modules:
                 arrays[f"importance/scores/{m}"] = self.importance.scores[m]
                 arrays[f"importance/seen/{m}"] = self.importance.seen[m]
-        if self.blocks.salience is not None:
-            arrays["blocks/salience"] = self.blocks.salience
         return meta, arrays
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        self.profiles = {
-            int(n): ClientProfile.from_mapping(rec) for n, rec in meta.get("profiles", {}).items()
-        }
+        super().load_state_dict(meta, arrays)
         modules = meta.get("importance_modules")
         if modules:
             rank = len(arrays[f"importance/scores/{modules[0]}"])
@@ -398,237 +124,3 @@ class HAFLQStrategy(LoRAStrategy):
                 scores={m: arrays[f"importance/scores/{m}"].astype(np.float64) for m in modules},
                 seen={m: arrays[f"importance/seen/{m}"].astype(bool) for m in modules},
             )
-        if "blocks/salience" in arrays:
-            self.blocks.salience = arrays["blocks/salience"].astype(np.float64)
-
-    # ---------------------------------------------------------- Flower glue
-    def _init_importance(self, global_state: LoraState) -> None:
-        modules = lora_modules(global_state)
-        if not modules:
-            raise ValueError("the global state has no LoRA module")
-        rank = module_rank(global_state, modules[0])
-        if self.importance is None:
-            self.importance = GlobalImportance(modules, rank, self.importance_smoothing)
-        if self._tie_order is None and self.tie_break == "seed":
-            perm = np.random.default_rng(self.seed).permutation(rank)
-            self._tie_order = np.argsort(perm)
-
-    @property
-    def global_rank(self) -> int:
-        return self.importance.rank
-
-    def prepare_round(self, server_round: int, grid: Grid, node_ids: list[int]) -> None:
-        self.query_profiles(grid, node_ids, server_round)
-        stats = self.stats[server_round]
-        stats.control_bytes += self.blocks.plan(
-            grid, self.profiles, server_round, self.query_timeout
-        )
-        self._init_importance(self._global)
-        self.assignments = {}
-        for node_id in node_ids:
-            profile = self.profiles.get(node_id, self.default_profile)
-            rank = self.client_budget(node_id, profile, self.global_rank)
-            selection = self.select_components(server_round, node_id, rank)
-            budget, channel_budget, note = 0, 0, ""
-            if self.uplink == "adaptive":
-                channel_budget = int(self.uplink_budget_bytes(node_id, profile))
-                budget, note = self._bound_budget(channel_budget, selection)
-                if note.startswith("raised"):
-                    log.warning(
-                        "round %d: node %d: uplink budget of %d bytes %s (%d bytes: meta, "
-                        "empty arrays and the head), so that its head delta and scores "
-                        "still arrive; it uploads no component",
-                        server_round,
-                        node_id,
-                        channel_budget,
-                        note,
-                        budget,
-                    )
-            bits = self.block_bits(node_id, profile)
-            self.assignments[node_id] = Assignment(profile, rank, selection, budget, bits)
-            client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
-            client.tier, client.rank, client.budget_bytes = profile.tier, rank, budget
-            client.channel_budget_bytes, client.budget_note = channel_budget, note
-            if bits is not None:
-                client.block_bits = pattern_to_str(bits)
-
-    def _bound_budget(self, budget: int, selection: Selection) -> tuple[int, str]:
-        """The channel budget kept within [fixed part, largest payload of ``selection``]
-        (:func:`~haflq_flower.quant.payload.bound_budget`)."""
-        layout = self._layout()
-        dims = dict(zip(self.importance.modules, layout.module_dims, strict=True))
-        lengths = [sum(dims[m]) for m in self.importance.modules for _ in selection[m]]
-        fixed = fixed_payload_bytes(layout.head_shapes)
-        largest = max_payload_bytes(lengths, layout.head_shapes, self.widths)
-        return bound_budget(budget, fixed, largest)
-
-    def train_records(
-        self, server_round: int, node_id: int, global_state: LoraState
-    ) -> dict[str, ArrayRecord | ConfigRecord]:
-        job = self.assignments[node_id]
-        sent = job.selection if self.mode != FREEZE else full_selection(global_state)
-        arrays = gather(global_state, sent)
-        records: dict[str, ArrayRecord] = {}
-        if self.downlink_bits == 8:
-            records[DOWN_KEY] = to_array_record(
-                encode_downlink(
-                    arrays,
-                    sent,
-                    list(self.importance.modules),
-                    self._downlink_rng(server_round, node_id),
-                )
-            )
-        else:
-            if self.downlink_bits == 16:
-                arrays = OrderedDict((k, v.astype(np.float16)) for k, v in arrays.items())
-            records[ARRAYS_KEY] = to_array_record(arrays)
-        config = {
-            "mode": self.mode,
-            "rank": job.rank,
-            "tier": job.profile.tier,
-            "uplink": self.uplink,
-            "uplink-budget-bytes": job.budget_bytes,
-            "uplink-widths": ",".join(str(w) for w in self.widths),
-        }
-        if job.block_bits is not None:
-            config["block-bits"] = pattern_to_str(job.block_bits)
-        return {
-            **records,
-            SELECTION_KEY: selection_to_record(job.selection),
-            CONFIG_KEY: ConfigRecord(config),
-        }
-
-    def _downlink_rng(self, server_round: int, node_id: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, server_round, node_id % (2**32)])
-
-    def decode_reply(
-        self, node_id: int, content: RecordDict, stats: ClientRoundStats
-    ) -> ComponentPayload:
-        job = self.assignments.get(node_id)
-        if job is None:
-            raise ReplyError("reply from a node that was not asked to train this round")
-        upload_key = PAYLOAD_KEY if self.uplink == "adaptive" else ARRAYS_KEY
-        for key in (upload_key, SELECTION_KEY, SCORES_KEY):
-            if key not in content.array_records:
-                raise ReplyError(f"reply lacks the '{key}' record")
-        modules = list(job.selection)
-        # Sizes first, from the records' byte counts: nothing is parsed beyond what the
-        # assigned work can need (one int64/float64 per assigned component and module).
-        index_limit = sum(len(m) + 256 + 8 * len(job.selection[m]) for m in modules)
-        for key in (SELECTION_KEY, SCORES_KEY):
-            check_record_bytes(content.array_records[key], index_limit, key)
-        if upload_key == ARRAYS_KEY:
-            limit = state_record_limit(gather(self._global, job.selection))
-            check_record_bytes(content.array_records[ARRAYS_KEY], limit, ARRAYS_KEY)
-        trained = check_selection(
-            record_to_arrays(content.array_records[SELECTION_KEY]), modules, self.global_rank
-        )
-        for m in modules:
-            if not np.isin(trained[m], job.selection[m]).all():
-                raise ReplyError(f"{m}: trained components that were not assigned")
-        scores = record_to_arrays(content.array_records[SCORES_KEY])
-        if set(scores) != set(modules):
-            raise ReplyError("scores do not name the assigned modules")
-        for m in modules:
-            sc = np.asarray(scores[m])
-            if (
-                sc.shape != trained[m].shape
-                or sc.dtype.kind not in "fiu"
-                or not within(sc, FLOAT32_MAX)
-                or (sc < 0).any()
-            ):
-                raise ReplyError(
-                    f"{m}: scores must be {trained[m].shape} numbers >= 0 and finite in float32"
-                )
-            scores[m] = sc.astype(np.float64)
-        if self.uplink == "adaptive":
-            selection, delta = self._decode_payload(content.array_records[PAYLOAD_KEY], job, stats)
-        else:
-            selection, delta = (
-                trained,
-                self._decode_arrays(content.array_records[ARRAYS_KEY], trained),
-            )
-        for m in modules:
-            if not np.isin(selection[m], trained[m]).all():
-                raise ReplyError(f"{m}: uploaded components that were not trained")
-        self._check_new_values(selection, delta)
-        stats.components_up = int(sum(len(idx) for idx in selection.values()))
-        return ComponentPayload(selection, delta, trained, scores)
-
-    def _decode_arrays(self, record: ArrayRecord, selection: Selection) -> LoraState:
-        """fp32/fp16 deltas of the trained components, checked like any adapter state."""
-        delta = from_array_record(record)
-        check_state(gather(self._global, selection), delta)
-        return OrderedDict((k, v.astype(np.float32)) for k, v in delta.items())
-
-    def _check_new_values(self, selection: Selection, delta: LoraState) -> None:
-        """Reject a delta that would take a value of the global state out of
-        :meth:`value_limit` (global + delta computed in float64)."""
-        base = gather(self._global, selection)
-        limit = self.value_limit()
-        for key, value in delta.items():
-            if key in base and not within(base[key].astype(np.float64) + value, limit):
-                raise ReplyError(
-                    f"{key}: global + delta leaves +-{limit:.4g}, the range of the float "
-                    "type the global adapter is sent in"
-                )
-
-    def _layout(self) -> Layout:
-        return layout_of(self._global, list(self.importance.modules))
-
-    def _decode_payload(
-        self, record: ArrayRecord, job: Assignment, stats: ClientRoundStats
-    ) -> tuple[Selection, LoraState]:
-        size = record.count_bytes()
-        if size > job.budget_bytes:
-            raise ReplyError(f"payload of {size} bytes exceeds the budget of {job.budget_bytes}")
-        layout = self._layout()
-        try:
-            keys, widths, a, b, head = decode(record_to_arrays(record), layout, self.widths)
-        except PayloadError as err:
-            raise ReplyError(f"payload: {err}") from err
-        stats.bits = {str(w): int((widths == w).sum()) for w in (*WIDTHS,)}
-        stats.payload_bytes = size
-        return delta_from_components(
-            keys, a, b, head, list(self.importance.modules), layout.module_dims
-        )
-
-    def received_global(self, global_state: LoraState) -> LoraState:
-        """The global state as a client decoded it: rounded to float16 with the 16-bit
-        downlink (with the 8-bit downlink the float32 global approximates it)."""
-        if self.downlink_bits != 16:
-            return global_state
-        return OrderedDict(
-            (k, v.astype(np.float16).astype(np.float32)) for k, v in global_state.items()
-        )
-
-    def client_factors(self, global_state: LoraState, update: ClientUpdate) -> LoraState:
-        """freeze: all R global components with the trained ones moved by their deltas;
-        truncate: the r_k components the client held (both from the global as received)."""
-        global_state = self.received_global(global_state)
-        up = ComponentUpload(
-            float(update.num_examples), update.payload.selection, update.payload.delta
-        )
-        if self.mode == TRUNCATE:
-            return client_values(global_state, up)
-        return apply_deltas(global_state, up)
-
-    def aggregate(
-        self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
-    ) -> LoraState:
-        uploads = [
-            ComponentUpload(float(u.num_examples), u.payload.selection, u.payload.delta)
-            for u in updates
-        ]
-        new_state = self.aggregate_lora(server_round, global_state, uploads)
-        check_global(new_state, self.value_limit())  # before any strategy state changes
-        self.update_importance(server_round, updates)
-        counts = component_counts(self.global_rank, list(self.importance.modules), uploads)
-        mean_counts = np.mean(np.stack(list(counts.values())), axis=0)
-        log.info(
-            "round %d: clients per component (mean over modules): %s",
-            server_round,
-            " ".join(f"{c:.1f}" for c in mean_counts),
-        )
-        self.stats[server_round].extra["clients_per_component"] = mean_counts.tolist()
-        return new_state

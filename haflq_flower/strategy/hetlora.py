@@ -1,16 +1,15 @@
-"""HetLoRA (Cho et al., EMNLP 2024) as a baseline on HAFLQ's machinery."""
+"""HetLoRA (Cho et al., EMNLP 2024) and FedIT-trunc on the neutral heterogeneous base."""
 
 from __future__ import annotations
 
 from ..lora.aggregate import ComponentUpload, aggregate_hetlora, aggregate_padded_values
-from ..lora.components import Selection, first_selection
 from ..lora.state import LoraState
 from ..lora.view import TRUNCATE
 from .base import ClientUpdate
-from .haflq import HAFLQStrategy
+from .heterogeneous import HeterogeneousLoRA
 
 
-class HetLoRA(HAFLQStrategy):
+class HetLoRA(HeterogeneousLoRA):
     """Each client trains the first r_k components (truncation); the server zero-pads every
     client's factors to R and averages the values with weights
     ``w_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F`` per module; the head is FedAvg'd.
@@ -27,9 +26,6 @@ class HetLoRA(HAFLQStrategy):
         kwargs.setdefault("uplink", "fp32")
         super().__init__(**kwargs)
 
-    def select_components(self, server_round: int, node_id: int, budget: int) -> Selection:
-        return first_selection(self._global, budget)
-
     def aggregate(
         self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
@@ -43,9 +39,6 @@ class HetLoRA(HAFLQStrategy):
         self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
     ) -> LoraState:
         return aggregate_hetlora(global_state, uploads)
-
-    def update_importance(self, server_round: int, updates: list[ClientUpdate]) -> None:
-        """HetLoRA does not use importance."""
 
 
 class FedITTruncated(HetLoRA):
