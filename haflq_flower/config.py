@@ -20,7 +20,7 @@ from .hardware import auto_compute_dtype
 from .privacy import DP_MODES, DPConfig
 from .profiles import ProfileError, TierTable
 from .prompts import resolve_label_words, resolve_template
-from .quant.salience import METRICS as SALIENCE_METRICS
+from .quant.blocks import SALIENCE_METRICS
 
 # Defaults of every run-config key. Must match [tool.flwr.app.config] in pyproject.toml.
 DEFAULTS: dict[str, Any] = {

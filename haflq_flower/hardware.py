@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
@@ -29,6 +27,8 @@ def cpu_has_fast_bf16() -> bool:
 def auto_compute_dtype() -> str:
     """``bfloat16`` on a bf16-capable GPU or CPU; ``float16`` on an older GPU; else
     ``float32`` (a CPU without fast bf16 emulates it, about 30x slower)."""
+    import torch  # here, not at import: parsing a run config needs no torch otherwise
+
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if cpu_has_fast_bf16() else "float32"

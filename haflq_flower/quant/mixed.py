@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import BlockLayout, LinearShape
+from .blocks import HEAD_MODULES, BlockLayout, LinearShape
 
 INT8_THRESHOLD = 6.0
 _BLOCK_LIST_NAMES = ("layers", "h", "blocks", "block")
@@ -271,7 +271,6 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 def _is_base(name: str) -> bool:
     """Frozen base weights: not LoRA, not the trained head."""
-    from ..model import HEAD_MODULES
 
     parts = name.split(".")
     return not any(p.startswith("lora_") for p in parts) and not any(

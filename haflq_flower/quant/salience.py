@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .blocks import SALIENCE_METRICS
 from .mixed import block_linears, transformer_blocks
 
 
@@ -166,7 +167,8 @@ _METRIC_FUNCTIONS = {
     "quantization": quantization_salience,
     "recovery": recovery_salience,
 }
-METRICS = tuple(_METRIC_FUNCTIONS)
+METRICS = SALIENCE_METRICS
+assert tuple(_METRIC_FUNCTIONS) == METRICS, "quant/blocks.py names every metric implemented here"
 
 
 def block_salience(model: nn.Module, batch: dict[str, torch.Tensor], metric: str) -> np.ndarray:
