@@ -370,22 +370,7 @@ def default_output_dir() -> Path:
     return root / time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
-    """Validate a flat run config (missing keys take their defaults).
-
-    Raises
-    ------
-    ConfigError
-        On an unknown key, a wrong type or a value out of range.
-    """
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"unknown run config key(s): {', '.join(unknown)}. "
-            f"Known keys are listed in pyproject.toml under [tool.flwr.app.config]."
-        )
-    raw = {key: cfg.get(key, default) for key, default in DEFAULTS.items()}
-
+def _model_config(cfg: Mapping[str, Any]) -> ModelConfig:
     model_name = _get(cfg, "model.name", str).strip()
     if not model_name:
         raise ConfigError("run config 'model.name' is empty; e.g. 'smollm2-135m' or a directory")
@@ -401,7 +386,10 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             _csv(_get(cfg, "model.label-words", str)), _get(cfg, "data.name", str).strip()
         ),
     )
+    return model
 
+
+def _lora_config(cfg: Mapping[str, Any]) -> LoraConfig:
     targets = _csv(_get(cfg, "lora.target-modules", str))
     if not targets:
         raise ConfigError("run config 'lora.target-modules' names no module")
@@ -414,8 +402,10 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         dropout=dropout,
         target_modules=targets,
     )
+    return lora
 
-    seed = _get(cfg, "seed", int)
+
+def _data_config(cfg: Mapping[str, Any], seed: int) -> DataConfig:
     data = DataConfig(
         name=_get(cfg, "data.name", str).strip(),
         files=_csv(_get(cfg, "data.files", str)),
@@ -429,7 +419,10 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         validation_per_class=_positive(cfg, "data.validation-per-class", int, allow_zero=True),
         template=_template(cfg),
     )
+    return data
 
+
+def _train_config(cfg: Mapping[str, Any]) -> TrainConfig:
     train = TrainConfig(
         local_steps=_positive(cfg, "train.local-steps", int),
         batch_size=_positive(cfg, "train.batch-size", int),
@@ -442,13 +435,11 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         eval_every=_positive(cfg, "eval.every", int, allow_zero=True),
         gradient_checkpointing=_get(cfg, "train.gradient-checkpointing", bool),
     )
+    return train
 
-    if train.eval_split == "validation" and not data.validation_per_class:
-        raise ConfigError(
-            "run config 'eval.split' is 'validation' but 'data.validation-per-class' is 0: "
-            "hold out a validation split, e.g. data.validation-per-class=200"
-        )
 
+def _strategy_config(cfg: Mapping[str, Any]) -> tuple[StrategyConfig, bool]:
+    """The strategy section, and whether any tier has a weight budget (``memory-mb``)."""
     importance = ImportanceConfig(
         beta1=_unit_interval(cfg, "importance.beta1"),
         beta2=_unit_interval(cfg, "importance.beta2"),
@@ -517,6 +508,10 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         max_uplink_bps=_positive(cfg, "profile.max-uplink-bps", float, allow_zero=True),
         max_memory_mb=_positive(cfg, "profile.max-memory-mb", float, allow_zero=True),
     )
+    return strategy, any(m > 0 for m in memory)
+
+
+def _dp_config(cfg: Mapping[str, Any]) -> DPConfig:
     dp = DPConfig(
         mode=_choice(cfg, "dp.mode", DP_MODES),
         clip=_get(cfg, "dp.clip", float),
@@ -527,10 +522,11 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         dp.check()
     except ValueError as err:
         raise ConfigError(f"run config: {err}") from err
-    dropout = _get(cfg, "simulation.dropout", float)
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"run config 'simulation.dropout' must lie in [0, 1), got {dropout!r}")
+    return dp
 
+
+def _output_paths(cfg: Mapping[str, Any]) -> tuple[Path, Path | None]:
+    """``output.dir`` (absolute) and ``resume`` (absolute, the same directory)."""
     out = _get(cfg, "output.dir", str)
     output_dir = Path(out).expanduser() if out else default_output_dir()
     if not output_dir.is_absolute():
@@ -552,12 +548,45 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
                 "resumed run writes into the directory it continues; leave output.dir empty"
             )
         output_dir = resume
+    return output_dir, resume
+
+
+def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
+    """Validate a flat run config (missing keys take their defaults).
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key, a wrong type or a value out of range.
+    """
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"unknown run config key(s): {', '.join(unknown)}. "
+            f"Known keys are listed in pyproject.toml under [tool.flwr.app.config]."
+        )
+    raw = {key: cfg.get(key, default) for key, default in DEFAULTS.items()}
+    seed = _get(cfg, "seed", int)
+    data = _data_config(cfg, seed)
+    train = _train_config(cfg)
+    if train.eval_split == "validation" and not data.validation_per_class:
+        raise ConfigError(
+            "run config 'eval.split' is 'validation' but 'data.validation-per-class' is 0: "
+            "hold out a validation split, e.g. data.validation-per-class=200"
+        )
+    strategy, has_budgets = _strategy_config(cfg)
+    strategy_name = strategy.name
+    dp = _dp_config(cfg)
+    dropout = _get(cfg, "simulation.dropout", float)
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"run config 'simulation.dropout' must lie in [0, 1), got {dropout!r}")
+    output_dir, resume = _output_paths(cfg)
 
     run_config = RunConfig(
         num_rounds=_positive(cfg, "num-server-rounds", int),
         seed=seed,
-        model=model,
-        lora=lora,
+        model=_model_config(cfg),
+        lora=_lora_config(cfg),
         data=data,
         train=train,
         strategy=strategy,
@@ -570,7 +599,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         dp=dp,
     )
     if run_config.strategy.blocks.precision == "auto":
-        run_config = resolve_auto_blocks(run_config, any(m > 0 for m in memory))
+        run_config = resolve_auto_blocks(run_config, has_budgets)
     cls = _strategy_class(strategy_name)
     if dp.enabled and not cls.supports_dp:
         raise ConfigError(
