@@ -8,7 +8,6 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,7 +46,7 @@ from .privacy import LOCAL, add_noise, clip_update
 from .profiles import resolve_profile
 from .quant.blocks import pattern_from_str, pattern_to_str
 from .quant.mixed import base_weight_bytes
-from .quant.payload import components_from_delta, decode_downlink, encode_within_budget
+from .quant.payload import decode_downlink
 from .quant.salience import block_salience
 from .strategy.ffa import trainable_part
 from .train import TrainResult, evaluate_run_rows, train_local
@@ -65,7 +64,6 @@ from .wire import (
     NUM_EXAMPLES,
     OPTIMIZER_STATE_BYTES,
     PARTITION_ID,
-    PAYLOAD_KEY,
     PEAK_MEM_BYTES,
     PERSONAL_B_KEY,
     PERSONAL_EVAL,
@@ -80,6 +78,7 @@ from .wire import (
     TRAIN_S,
     TRAINABLE_PARAMS,
     WEIGHT_BYTES,
+    encode_upload,
     record_to_arrays,
     selection_to_record,
 )
@@ -375,42 +374,6 @@ def _train_components(msg, model, mode: str, run, cfg: RunConfig, rng):
         SCORES_KEY: to_array_record({m: v.astype(np.float32) for m, v in scores.items()}),
     }
     return result, records, upload.metrics
-
-
-@dataclass
-class Upload:
-    records: dict[str, ArrayRecord]
-    metrics: dict[str, int]
-
-
-def encode_upload(
-    delta: dict[str, np.ndarray],
-    selection: dict[str, np.ndarray],
-    scores: dict[str, np.ndarray],
-    modules: list[str],
-    node_cfg,
-    rng: np.random.Generator,
-) -> Upload:
-    """The uplink as the server asked for it: adaptive bit-packed payload, fp16 or fp32."""
-    uplink = str(node_cfg.get("uplink", "fp32"))
-    if uplink == "fp32":
-        return Upload({ARRAYS_KEY: to_array_record(delta)}, {})
-    if uplink == "fp16":
-        half = {k: v.astype(np.float16) for k, v in delta.items()}
-        return Upload({ARRAYS_KEY: to_array_record(half)}, {})
-    if uplink != "adaptive":
-        raise ValueError(f"unknown uplink {uplink!r} from the server")
-    budget = int(node_cfg["uplink-budget-bytes"])
-    widths = tuple(int(w) for w in str(node_cfg["uplink-widths"]).split(","))
-    components, head_keys = components_from_delta(delta, selection, modules)
-    importance = np.concatenate([scores[m] for m in modules]) if modules else np.zeros(0)
-    arrays, chosen = encode_within_budget(
-        components, importance, {k: delta[k] for k in head_keys}, budget, rng, widths
-    )
-    record = to_array_record(arrays)
-    metrics = {f"bits-{w}": int((chosen == w).sum()) for w in (16, 8, 4, 2, 0)}
-    metrics["payload-bytes"] = record.count_bytes()
-    return Upload({PAYLOAD_KEY: record}, metrics)
 
 
 def handle_profile(msg: Message, context: Context, cfg: RunConfig) -> Message:

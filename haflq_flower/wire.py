@@ -2,19 +2,23 @@
 
 Record names in a message's ``RecordDict``, message types of the queries, the names of
 the training metrics a client reports, and the two small record codecs both sides use.
-The upload payload's byte format is ``quant/payload.py``'s; what each strategy puts in
-its messages is in its class (``strategy/``).
+The component upload is encoded here (:func:`encode_upload`, in the format the server
+asked for: fp32, fp16 or the bit-packed payload of ``quant/payload.py``) and decoded by
+:class:`~haflq_flower.strategy.heterogeneous.HeterogeneousLoRA`; what each strategy puts
+in its messages is in its class (``strategy/``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from .lora.state import array_to_numpy
+from .lora.state import array_to_numpy, to_array_record
+from .quant.payload import components_from_delta, encode_within_budget
 
 # --- records of a message ---------------------------------------------------------------
 ARRAYS_KEY = "arrays"  # the (global or trained) adapter state
@@ -66,3 +70,41 @@ def selection_to_record(selection: Mapping[str, np.ndarray]) -> ArrayRecord:
 def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     """Arrays by name, each size-checked before allocation (:func:`array_to_numpy`)."""
     return {name: array_to_numpy(arr) for name, arr in record.items()}
+
+
+@dataclass
+class Upload:
+    """A client's component upload: the reply's records and the metrics about them."""
+
+    records: dict[str, ArrayRecord]
+    metrics: dict[str, int]
+
+
+def encode_upload(
+    delta: dict[str, np.ndarray],
+    selection: dict[str, np.ndarray],
+    scores: dict[str, np.ndarray],
+    modules: list[str],
+    node_cfg,
+    rng: np.random.Generator,
+) -> Upload:
+    """The uplink as the server asked for it: adaptive bit-packed payload, fp16 or fp32."""
+    uplink = str(node_cfg.get("uplink", "fp32"))
+    if uplink == "fp32":
+        return Upload({ARRAYS_KEY: to_array_record(delta)}, {})
+    if uplink == "fp16":
+        half = {k: v.astype(np.float16) for k, v in delta.items()}
+        return Upload({ARRAYS_KEY: to_array_record(half)}, {})
+    if uplink != "adaptive":
+        raise ValueError(f"unknown uplink {uplink!r} from the server")
+    budget = int(node_cfg["uplink-budget-bytes"])
+    widths = tuple(int(w) for w in str(node_cfg["uplink-widths"]).split(","))
+    components, head_keys = components_from_delta(delta, selection, modules)
+    importance = np.concatenate([scores[m] for m in modules]) if modules else np.zeros(0)
+    arrays, chosen = encode_within_budget(
+        components, importance, {k: delta[k] for k in head_keys}, budget, rng, widths
+    )
+    record = to_array_record(arrays)
+    metrics = {f"bits-{w}": int((chosen == w).sum()) for w in (16, 8, 4, 2, 0)}
+    metrics["payload-bytes"] = record.count_bytes()
+    return Upload({PAYLOAD_KEY: record}, metrics)

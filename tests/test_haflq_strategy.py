@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from haflq_flower.client_app import encode_upload
 from haflq_flower.config import ChannelConfig
 from haflq_flower.lora.components import gather
 from haflq_flower.lora.state import from_array_record, to_array_record
@@ -17,6 +16,7 @@ from haflq_flower.wire import (
     PROFILE_QUERY,
     SCORES_KEY,
     SELECTION_KEY,
+    encode_upload,
     record_to_arrays,
     selection_to_record,
 )
