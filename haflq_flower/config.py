@@ -5,13 +5,17 @@ Flower hands the app a flat ``run_config`` mapping (``"lora.rank" -> 8``). Under
 ``run_simulation`` it is empty. :func:`parse_run_config` fills the gaps from
 :data:`DEFAULTS` (kept identical to ``pyproject.toml`` by a test) and validates every
 value, so a wrong value fails at start-up with the key, the value and what is allowed.
+What depends on the chosen strategy (can it do DP, block precision, a 16-bit base?) is
+checked by :func:`haflq_flower.strategy.load_run_config`, which the apps and the
+launcher call; this module imports no strategy, torch or Flower.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -314,20 +318,22 @@ def _fraction(cfg: Mapping[str, Any], key: str) -> float:
     return value
 
 
+_STRATEGY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a registered name, e.g. "fedit"
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # "package.module:ClassName"
+
+
 def _strategy_name(cfg: Mapping[str, Any]) -> str:
-    """A registered strategy name or an import path ``package.module:ClassName``."""
+    """The form of a strategy name: a registered name or an import path
+    ``package.module:ClassName``. Which class it is, and whether it exists, is
+    :func:`haflq_flower.strategy.load_run_config`'s to check (this module imports no
+    strategy)."""
     name = _get(cfg, "strategy.name", str).strip()
-    try:
-        _strategy_class(name)
-    except ValueError as err:
-        raise ConfigError(f"run config 'strategy.name': {err}") from err
-    return name
-
-
-def _strategy_class(name: str):
-    from .strategy import strategy_class
-
-    return strategy_class(name)
+    if _STRATEGY_NAME.match(name) or _IMPORT_PATH.match(name):
+        return name
+    raise ConfigError(
+        f"run config 'strategy.name': {name!r} is neither a strategy name (e.g. 'haflq', "
+        "'fedit') nor an import path 'package.module:ClassName' of a LoRAStrategy subclass"
+    )
 
 
 def _compute_dtype(cfg: Mapping[str, Any]) -> str:
@@ -438,8 +444,8 @@ def _train_config(cfg: Mapping[str, Any]) -> TrainConfig:
     return train
 
 
-def _strategy_config(cfg: Mapping[str, Any]) -> tuple[StrategyConfig, bool]:
-    """The strategy section, and whether any tier has a weight budget (``memory-mb``)."""
+def _strategy_config(cfg: Mapping[str, Any]) -> StrategyConfig:
+    """The strategy section (tiers, payload, channel, blocks, importance included)."""
     importance = ImportanceConfig(
         beta1=_unit_interval(cfg, "importance.beta1"),
         beta2=_unit_interval(cfg, "importance.beta2"),
@@ -508,7 +514,7 @@ def _strategy_config(cfg: Mapping[str, Any]) -> tuple[StrategyConfig, bool]:
         max_uplink_bps=_positive(cfg, "profile.max-uplink-bps", float, allow_zero=True),
         max_memory_mb=_positive(cfg, "profile.max-memory-mb", float, allow_zero=True),
     )
-    return strategy, any(m > 0 for m in memory)
+    return strategy
 
 
 def _dp_config(cfg: Mapping[str, Any]) -> DPConfig:
@@ -574,8 +580,7 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             "run config 'eval.split' is 'validation' but 'data.validation-per-class' is 0: "
             "hold out a validation split, e.g. data.validation-per-class=200"
         )
-    strategy, has_budgets = _strategy_config(cfg)
-    strategy_name = strategy.name
+    strategy = _strategy_config(cfg)
     dp = _dp_config(cfg)
     dropout = _get(cfg, "simulation.dropout", float)
     if not 0.0 <= dropout < 1.0:
@@ -598,33 +603,26 @@ def parse_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         dropout=dropout,
         dp=dp,
     )
-    if run_config.strategy.blocks.precision == "auto":
-        run_config = resolve_auto_blocks(run_config, has_budgets)
-    cls = _strategy_class(strategy_name)
-    if dp.enabled and not cls.supports_dp:
-        raise ConfigError(
-            f"run config 'dp.mode={dp.mode}' needs a strategy whose aggregate is an average "
-            "of the clients' updates (fedit, ffa-lora, fedsa-lora, haflq, fedit-trunc); "
-            f"{strategy_name!r} is not (docs/privacy.md). Use one of those, or dp.mode=off."
-        )
-    cls.check_run_config(run_config)
     return run_config
 
 
-def resolve_auto_blocks(cfg: RunConfig, has_budgets: bool) -> RunConfig:
+def resolve_auto_blocks(cfg: RunConfig, check: Callable[[RunConfig], None]) -> RunConfig:
     """``blocks.precision="auto"``: ``salience`` when the tiers have weight budgets
-    (``tiers.memory-mb``) and the strategy assigns per-client block precision (haflq,
-    hetlora and their subclasses), else ``off`` (``model.quantization`` for the whole
-    base), so that e.g. ``strategy.name="fedit"`` alone is a valid run config."""
+    (``tiers.memory-mb``) and the strategy accepts per-client block precision (``check``
+    does not raise: haflq, hetlora and the other heterogeneous strategies), else ``off``
+    (``model.quantization`` for the whole base), so that e.g. ``strategy.name="fedit"``
+    alone is a valid run config. Other precisions are returned as they are."""
 
     def with_precision(precision: str) -> RunConfig:
         blocks = replace(cfg.strategy.blocks, precision=precision)
         return replace(cfg, strategy=replace(cfg.strategy, blocks=blocks))
 
-    if has_budgets:
+    if cfg.strategy.blocks.precision != "auto":
+        return cfg
+    if any(p.memory_mb > 0 for p in cfg.strategy.tiers.profiles):
         candidate = with_precision("salience")
         try:
-            _strategy_class(cfg.strategy.name).check_run_config(candidate)
+            check(candidate)
             return candidate
         except ConfigError:
             pass

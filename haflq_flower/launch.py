@@ -340,11 +340,12 @@ def preflight(given: dict[str, Any], num_supernodes: int) -> None:
     LaunchError
         With the key(s) and what to change.
     """
-    from .config import ConfigError, parse_run_config
+    from .config import ConfigError
     from .data import DataLoadError, check_partitions
+    from .strategy import load_run_config
 
     try:
-        cfg = parse_run_config(given)
+        cfg = load_run_config(given)
     except ConfigError as err:
         raise LaunchError(str(err)) from err
     try:

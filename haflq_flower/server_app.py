@@ -16,7 +16,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .config import ConfigError, RunConfig, parse_run_config
+from .config import ConfigError, RunConfig
 from .data import load_task
 from .logs import setup_logging
 from .lora.merge import merge_stacks, save_expanded_adapter
@@ -34,7 +34,7 @@ from .quant.blocks import pattern_to_str
 from .quant.mixed import block_layout
 from .report import STATUS_COMPLETED, write_report
 from .results import RunRecorder, plot_results
-from .strategy import build_strategy
+from .strategy import build_strategy, load_run_config
 from .train import evaluate_run_rows
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         setup_logging()
-        run_server(grid, parse_run_config({**dict(context.run_config), **(overrides or {})}))
+        run_server(grid, load_run_config({**dict(context.run_config), **(overrides or {})}))
 
     return server_app
 

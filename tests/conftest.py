@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
-from haflq_flower.config import parse_run_config
+from haflq_flower.strategy import load_run_config
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,7 +50,7 @@ def tiny_config():
     """A parsed run config for the tiny model (overridable per test)."""
 
     def make(**overrides):
-        return parse_run_config(
+        return load_run_config(
             {**TINY, **{k.replace("__", ".").replace("_", "-"): v for k, v in overrides.items()}}
         )
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from haflq_flower.config import DEFAULTS, ConfigError, parse_run_config
+from haflq_flower.config import DEFAULTS, ConfigError
+from haflq_flower.strategy import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def test_defaults_match_pyproject():
 
 
 def test_empty_config_takes_defaults():
-    cfg = parse_run_config({})
+    cfg = load_run_config({})
     assert cfg.num_rounds == DEFAULTS["num-server-rounds"]
     assert cfg.lora.rank == 8 and cfg.lora.scaling == 16 / 8
     assert cfg.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -50,18 +51,18 @@ def test_empty_config_takes_defaults():
 )
 def test_bad_values_name_the_key(key, value, fragment):
     with pytest.raises(ConfigError, match=None) as err:
-        parse_run_config({key: value})
+        load_run_config({key: value})
     assert fragment in str(err.value)
 
 
 def test_int_given_for_float_is_accepted():
-    assert parse_run_config({"train.learning-rate": 1}).train.learning_rate == 1.0
+    assert load_run_config({"train.learning-rate": 1}).train.learning_rate == 1.0
 
 
 def test_block_precision_needs_a_strategy_that_assigns_patterns():
     with pytest.raises(ConfigError, match="needs a strategy that assigns"):
-        parse_run_config({"blocks.precision": "salience", "strategy.name": "fedit"})
-    cfg = parse_run_config(
+        load_run_config({"blocks.precision": "salience", "strategy.name": "fedit"})
+    cfg = load_run_config(
         {"blocks.precision": "salience", "strategy.name": "haflq", "tiers.memory-mb": "1,2,0"}
     )
     assert cfg.strategy.blocks.enabled and cfg.strategy.blocks.salience_metric == "recovery"
@@ -74,10 +75,10 @@ def test_block_precision_needs_a_strategy_that_assigns_patterns():
     [(1, [0, 1, 2, 3, 4, 5]), (2, [0, 2, 4, 5]), (3, [0, 3, 5]), (0, [5]), (7, [0, 5])],
 )
 def test_eval_every_schedules_the_server_evaluations(every, expected):
-    train = parse_run_config({"eval.every": every}).train
+    train = load_run_config({"eval.every": every}).train
     assert [r for r in range(6) if train.evaluates_after(r, 5)] == expected
 
 
 def test_eval_every_must_not_be_negative():
     with pytest.raises(ConfigError, match="eval.every"):
-        parse_run_config({"eval.every": -1})
+        load_run_config({"eval.every": -1})

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from haflq_flower.config import DEFAULTS, ConfigError, parse_run_config
+from haflq_flower.config import DEFAULTS, ConfigError
 from haflq_flower.launch import DEFAULT_SUPERNODES
+from haflq_flower.strategy import load_run_config
 
 
 def test_default_job_is_haflq_on_heterogeneous_devices():
-    cfg = parse_run_config({})
+    cfg = load_run_config({})
     assert cfg.strategy.name == "haflq"
     assert (cfg.strategy.mode, cfg.strategy.aggregation) == ("freeze", "adaptive")
     assert cfg.strategy.payload.uplink == "auto"  # adaptive for haflq
@@ -25,20 +26,20 @@ def test_default_job_is_haflq_on_heterogeneous_devices():
 
 
 def test_fedit_is_one_flag_away():
-    cfg = parse_run_config({"strategy.name": "fedit"})
+    cfg = load_run_config({"strategy.name": "fedit"})
     assert cfg.strategy.name == "fedit" and not cfg.strategy.blocks.enabled
 
 
 def test_auto_block_precision_follows_budgets_and_strategy():
     budgets = {"blocks.precision": "auto", "tiers.memory-mb": "120,140,200"}
-    assert parse_run_config(budgets).strategy.blocks.precision == "salience"
-    assert parse_run_config({**budgets, "strategy.name": "hetlora"}).strategy.blocks.enabled
+    assert load_run_config(budgets).strategy.blocks.precision == "salience"
+    assert load_run_config({**budgets, "strategy.name": "hetlora"}).strategy.blocks.enabled
     # FedIT assigns no per-client precision: auto turns it off instead of failing
-    fedit = parse_run_config({**budgets, "strategy.name": "fedit"})
+    fedit = load_run_config({**budgets, "strategy.name": "fedit"})
     assert fedit.strategy.blocks.precision == "off"
     # no budgets: nothing to allocate
-    assert parse_run_config({"blocks.precision": "auto"}).strategy.blocks.precision == "off"
+    assert load_run_config({"blocks.precision": "auto"}).strategy.blocks.precision == "off"
     # an explicit salience with FedIT still fails with the reason
     with pytest.raises(ConfigError, match="blocks.precision"):
-        parse_run_config({**budgets, "blocks.precision": "salience", "strategy.name": "fedit"})
+        load_run_config({**budgets, "blocks.precision": "salience", "strategy.name": "fedit"})
     assert DEFAULTS["blocks.precision"] in ("off", "auto")

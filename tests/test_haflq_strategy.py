@@ -250,16 +250,17 @@ def test_profiles_from_tiers_and_node_config():
 
 def test_a_registered_subclass_is_built_from_the_run_config(monkeypatch):
     from haflq_flower import strategy as registry
-    from haflq_flower.config import ConfigError, parse_run_config
+    from haflq_flower.config import ConfigError
+    from haflq_flower.strategy import load_run_config
 
     with pytest.raises(
         ConfigError,
         match="known: fedex-lora, fedit, fedit-trunc, fedsa-lora, ffa-lora, flexlora, flora, "
         "haflq, hetlora, lora-fair",
     ):
-        parse_run_config({"strategy.name": "round-robin"})
+        load_run_config({"strategy.name": "round-robin"})
     monkeypatch.setitem(registry.STRATEGIES, "round-robin", RoundRobinSelection)
-    cfg = parse_run_config({"strategy.name": "round-robin", "strategy.mode": "truncate"})
+    cfg = load_run_config({"strategy.name": "round-robin", "strategy.mode": "truncate"})
     built = registry.build_strategy(cfg)
     assert isinstance(built, RoundRobinSelection) and built.mode == "truncate"
 
@@ -267,10 +268,11 @@ def test_a_registered_subclass_is_built_from_the_run_config(monkeypatch):
 def test_a_subclass_is_named_by_its_import_path():
     """What every process of a `flwr run` can resolve on its own (no registration)."""
     from haflq_flower import strategy as registry
-    from haflq_flower.config import ConfigError, parse_run_config
+    from haflq_flower.config import ConfigError
+    from haflq_flower.strategy import load_run_config
 
     path = "tests.round_robin:RoundRobinSelection"
-    cfg = parse_run_config({"strategy.name": path, "strategy.mode": "truncate"})
+    cfg = load_run_config({"strategy.name": path, "strategy.mode": "truncate"})
     built = registry.build_strategy(cfg)
     assert type(built) is RoundRobinSelection and built.mode == "truncate"
     for bad, why in (
@@ -279,7 +281,7 @@ def test_a_subclass_is_named_by_its_import_path():
         ("numpy:ndarray", "is not a LoRAStrategy"),
     ):
         with pytest.raises(ConfigError, match=why):
-            parse_run_config({"strategy.name": bad})
+            load_run_config({"strategy.name": bad})
 
 
 def test_adaptive_uplink_budgets_follow_the_channel_and_drop_what_does_not_fit():

@@ -16,3 +16,21 @@ def test_the_math_is_free_of_torch_peft_and_flower():
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "1 kept, 0 broken" in done.stdout
+
+
+def test_parsing_a_run_config_imports_no_strategy_torch_or_flower():
+    """config.py stands below the strategies: parsing needs none of the heavy stack
+    (the strategy-dependent checks are strategy.load_run_config's)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from haflq_flower.config import parse_run_config\n"
+        "parse_run_config({'model.compute-dtype': 'float32', 'strategy.name': 'flora'})\n"
+        "heavy = [m for m in ('torch', 'flwr', 'bitsandbytes', 'peft', 'transformers',\n"
+        "         'haflq_flower.strategy') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -216,10 +216,10 @@ def test_accountant_sampling_and_noise_move_epsilon_the_right_way():
     ],
 )
 def test_bad_dp_settings_are_refused_at_start_up(overrides, message):
-    from haflq_flower.config import parse_run_config
+    from haflq_flower.strategy import load_run_config
 
     with pytest.raises(ConfigError, match=message):
-        parse_run_config({"model.name": "tiny", **overrides})
+        load_run_config({"model.name": "tiny", **overrides})
 
 
 @pytest.mark.slow

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any
 
+from ..config import ConfigError, RunConfig, parse_run_config, resolve_auto_blocks
 from .base import ClientUpdate, LoRAStrategy, ReplyError, RoundStats
 from .blocks import BlockPlanner
 from .fair import LoRAFAIR
@@ -17,9 +19,6 @@ from .flora import FLoRA
 from .haflq import HAFLQStrategy
 from .heterogeneous import HeterogeneousLoRA
 from .hetlora import FedITTruncated, HetLoRA
-
-if TYPE_CHECKING:
-    from ..config import RunConfig
 
 STRATEGIES: dict[str, type[LoRAStrategy]] = {
     "fedex-lora": FedExLoRA,
@@ -71,6 +70,33 @@ def strategy_class(name: str) -> type[LoRAStrategy]:
     if not (isinstance(cls, type) and issubclass(cls, LoRAStrategy)):
         raise ValueError(f"strategy {name!r}: {attr!r} in {module_name} is not a LoRAStrategy")
     return cls
+
+
+def load_run_config(values: Mapping[str, Any]) -> RunConfig:
+    """:func:`~haflq_flower.config.parse_run_config`, then what depends on the strategy:
+    its class (a name or an import path), ``blocks.precision="auto"`` resolved, whether
+    it supports ``dp.mode``, and its own :meth:`LoRAStrategy.check_run_config`.
+
+    Raises
+    ------
+    ConfigError
+        With the setting, what is wrong and what to do.
+    """
+    cfg = parse_run_config(values)
+    try:
+        cls = strategy_class(cfg.strategy.name)
+    except ValueError as err:
+        raise ConfigError(f"run config 'strategy.name': {err}") from err
+    cfg = resolve_auto_blocks(cfg, cls.check_run_config)
+    if cfg.dp.enabled and not cls.supports_dp:
+        raise ConfigError(
+            f"run config 'dp.mode={cfg.dp.mode}' needs a strategy whose aggregate is an "
+            "average of the clients' updates (fedit, ffa-lora, fedsa-lora, haflq, "
+            f"fedit-trunc); {cfg.strategy.name!r} is not (docs/privacy.md). Use one of "
+            "those, or dp.mode=off."
+        )
+    cls.check_run_config(cfg)
+    return cfg
 
 
 def build_strategy(cfg: RunConfig) -> LoRAStrategy:
@@ -138,5 +164,6 @@ __all__ = [
     "RoundStats",
     "STRATEGIES",
     "build_strategy",
+    "load_run_config",
     "strategy_class",
 ]
