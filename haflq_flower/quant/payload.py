@@ -25,6 +25,7 @@ import io
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -335,14 +336,25 @@ class Layout:
     head_shapes: Mapping[str, tuple[int, ...]]
 
 
+class DecodedPayload(NamedTuple):
+    """A validated, dequantized payload: ``keys`` (n, 2) of (module index, component),
+    each component's ``widths`` (n,), its ``a`` and ``b`` vectors, and the ``head``."""
+
+    keys: np.ndarray
+    widths: np.ndarray
+    a: list[np.ndarray]
+    b: list[np.ndarray]
+    head: dict[str, np.ndarray]
+
+
 def decode(
     arrays: Mapping[str, np.ndarray],
     layout: Layout,
     allowed_widths: Sequence[int] = WIDTHS,
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray], dict[str, np.ndarray]]:
+) -> DecodedPayload:
     """Validate and decode a payload.
 
-    Returns (keys (n, 2), widths (n,), a-vectors, b-vectors, head) with components in
+    Returns a :class:`DecodedPayload` (keys, widths, a-vectors, b-vectors, head) with components in
     the order of ``WIDTHS`` groups. Everything is checked before anything is
     dequantized: the array names, every shape and dtype against what the receiver
     knows (vector lengths come from ``layout``, never from the payload), indices in
@@ -429,7 +441,7 @@ def decode(
         b_out += vecs[1::2]
         all_widths.append(np.full(len(group_keys), bits, dtype=np.int64))
     head = {key: np.asarray(arrays[f"head.{key}"]).astype(np.float32) for key in layout.head_shapes}
-    return keys, np.concatenate(all_widths), a_out, b_out, head
+    return DecodedPayload(keys, np.concatenate(all_widths), a_out, b_out, head)
 
 
 # ------------------------------------------------------- adapter sub-states <-> payload
