@@ -22,6 +22,7 @@ from .config import RunConfig, parse_run_config
 from .data import client_partition, device_frame, load_task, tokenize
 from .logs import setup_logging
 from .lora.components import (
+    A_SUFFIX,
     B_SUFFIX,
     LoraState,
     check_selection,
@@ -34,6 +35,7 @@ from .lora.components import (
     without_factor,
 )
 from .lora.merge import merge_stacks
+from .lora.residual import personal_residual_terms
 from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
 from .lora.view import FREEZE, MODES, component_view, frozen_a
 from .model import (
@@ -65,11 +67,15 @@ from .wire import (
     OPTIMIZER_STATE_BYTES,
     PARTITION_ID,
     PEAK_MEM_BYTES,
+    PERSONAL_A_KEY,
     PERSONAL_B_KEY,
     PERSONAL_EVAL,
+    PERSONAL_RESIDUAL,
     PREDICTIONS_KEY,
     PROFILE_KEY,
     RAY_NODE,
+    RESIDUAL_DEN,
+    RESIDUAL_NUM,
     SALIENCE_KEY,
     SCORES_KEY,
     SELECTION_KEY,
@@ -266,6 +272,7 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         state = trainable_state(model)
         if keep_b:
             context.state[PERSONAL_B_KEY] = to_array_record(only_factor(state, B_SUFFIX))
+            context.state[PERSONAL_A_KEY] = to_array_record(only_factor(state, A_SUFFIX))
             state = without_factor(state, B_SUFFIX)
         upload = trainable_part(state) if freeze_a else state
         # clip (and, local DP, noise) the change to what it received; where Flower's DP
@@ -416,14 +423,17 @@ def handle_salience(msg: Message, context: Context, cfg: RunConfig) -> Message:
 def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Evaluate the received adapter on this node's own partition, or (a personal
     evaluation, FedSA-LoRA) this node's own model on the run's evaluation rows, replying
-    with every row's prediction."""
+    with every row's prediction, or (FedSA-LoRA's residual) how far the new shared A
+    moves this node's own product."""
+    node_cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    if bool(node_cfg.get(PERSONAL_RESIDUAL, False)):
+        return _personal_residual_reply(msg, context)
     pid, frame = _client_data(context, cfg)
     device = client_device()
     task = load_task(cfg.data)
     model, tokenizer = _model(cfg, task.num_labels, device, any_bits=True)
     _merge(model, msg)
     received = from_array_record(msg.content[ARRAYS_KEY])
-    node_cfg = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
     if bool(node_cfg.get(KEEP_B, False)):
         received, _ = _with_own_b(context, received, trainable_state(model))
     load_trainable_state(model, received)
@@ -447,6 +457,18 @@ def handle_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     metrics = MetricRecord(
         {NUM_EXAMPLES: len(frame), "loss": result.loss, "accuracy": result.accuracy}
     )
+    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _personal_residual_reply(msg: Message, context: Context) -> Message:
+    """FedSA-LoRA: the two sums of :func:`personal_residual_terms` for this node's own B,
+    the A it trained last and the new shared A in the message (no model, no data)."""
+    own_b, own_a = {}, {}
+    if PERSONAL_B_KEY in context.state.array_records:
+        own_b = record_to_arrays(context.state.array_records[PERSONAL_B_KEY])
+        own_a = record_to_arrays(context.state.array_records[PERSONAL_A_KEY])
+    num, den = personal_residual_terms(own_b, own_a, from_array_record(msg.content[ARRAYS_KEY]))
+    metrics = MetricRecord({RESIDUAL_NUM: num, RESIDUAL_DEN: den, NUM_EXAMPLES: 1})
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 

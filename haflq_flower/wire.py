@@ -41,9 +41,13 @@ SALIENCE_QUERY = "query.salience"
 FREEZE_A = "freeze-a"  # FFA-LoRA: train B only
 KEEP_B = "keep-b"  # FedSA-LoRA: B stays on the client (train), use the client's own B (eval)
 PERSONAL_EVAL = "personal-eval"  # evaluate on the run's eval split, return every prediction
+PERSONAL_RESIDUAL = "personal-residual"  # FedSA-LoRA: how far the new shared A moves B_k A_k
 
 # --- a client's own state between messages of a run (Flower's ``Context.state``) ---------
 PERSONAL_B_KEY = "fedsa-b"  # FedSA-LoRA: the client's own B factors
+PERSONAL_A_KEY = "fedsa-a"  # FedSA-LoRA: the A the client ended its last round with
+RESIDUAL_NUM = "residual-num"  # sum over modules of ||B_k (A_k - A_new)||_F^2
+RESIDUAL_DEN = "residual-den"  # sum over modules of ||B_k A_k||_F^2
 
 # --- training metrics a client reports (MetricRecord: numbers only) ---------------------
 NUM_EXAMPLES = "num-examples"  # n_k, the FedAvg weight: the local dataset's size

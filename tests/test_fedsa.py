@@ -41,6 +41,21 @@ def test_fedsa_averages_a_and_the_head_and_leaves_the_global_b():
     assert list(out) == list(glob)
 
 
+def test_personal_residual_known_answer():
+    from haflq_flower.lora.residual import personal_residual, personal_residual_terms
+
+    b = {"m.lora_B.weight": np.array([[1.0], [2.0]])}  # ||b||^2 = 5
+    a_k = {"m.lora_A.weight": np.array([[3.0, 0.0, 4.0]])}  # ||a_k||^2 = 25
+    a_new = {"m.lora_A.weight": np.array([[3.0, 0.0, 1.0]])}  # a_k - a_new = (0, 0, 3)
+    num, den = personal_residual_terms(b, a_k, a_new)
+    assert (num, den) == pytest.approx((5 * 9, 5 * 25))
+    assert personal_residual_terms(b, a_k, a_k)[0] == 0.0  # nothing moved
+    # two clients, weights 1 and 3: sqrt((1*45 + 3*0) / (1*125 + 3*125))
+    assert personal_residual([(45.0, 125.0), (0.0, 125.0)], [1, 3]) == pytest.approx(
+        (45 / 500) ** 0.5
+    )
+
+
 class PersonalGrid:
     """Answers personal evaluations with fixed predictions per node (and bogus metrics)."""
 
@@ -159,3 +174,7 @@ def test_fedsa_lora_keeps_each_b_on_its_client_and_evaluates_personal_models(tmp
     assert found.rounds[0].ndim == 1 and found.rounds[2].shape == (3, len(found.labels))
     assert found.accuracy(2) == pytest.approx(rounds[2]["accuracy"])
     assert rounds[2]["personal_eval_bytes"] > 0
+    # the residual comes from the clients every round: A moved, so > 0, and well below 1
+    for r in rounds[1:]:
+        assert 0.0 < r["aggregation_residual"] < 1.0
+        assert r["residual_query_bytes"] > 0

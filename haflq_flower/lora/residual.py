@@ -18,6 +18,7 @@ from the d_out x d_in products.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -60,3 +61,34 @@ def aggregation_residual(
 def global_pairs(state: LoraState) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """Per module, the global adapter's own (B, A) pair."""
     return {m: [(state[b_key(m)], state[a_key(m)])] for m in lora_modules(state)}
+
+
+def personal_residual_terms(
+    own_b: Mapping[str, np.ndarray],
+    own_a: Mapping[str, np.ndarray],
+    new_a: Mapping[str, np.ndarray],
+) -> tuple[float, float]:
+    """FedSA-LoRA on one client: ``(sum_m ||B_k (A_k - A_new)||_F^2, sum_m ||B_k A_k||_F^2)``
+    over its modules, where ``A_k`` is the A it trained and ``A_new`` the shared average
+    that replaces it (the client keeps ``B_k``). Keys are the state's ``.lora_B`` /
+    ``.lora_A`` names; modules missing any of the three are skipped."""
+    num = den = 0.0
+    for key_b, b in own_b.items():
+        key_a = key_b.replace(".lora_B.", ".lora_A.")
+        if key_a not in own_a or key_a not in new_a:
+            continue
+        b64 = np.asarray(b, np.float64)
+        a_k = np.asarray(own_a[key_a], np.float64)
+        num += float(np.sum(np.square(b64 @ (a_k - np.asarray(new_a[key_a], np.float64)))))
+        den += float(np.sum(np.square(b64 @ a_k)))
+    return num, den
+
+
+def personal_residual(terms: Sequence[tuple[float, float]], weights: Sequence[float]) -> float:
+    """The clients' residual terms combined: ``sqrt(sum_k p_k num_k / sum_k p_k den_k)``,
+    FedSA-LoRA's counterpart of :func:`aggregation_residual` (each client's model after
+    aggregation is ``B_k A_new``, so the distance is to each client's own product)."""
+    w = np.asarray(weights, np.float64)
+    num = float(np.dot(w, [t[0] for t in terms]))
+    den = float(np.dot(w, [t[1] for t in terms]))
+    return math.sqrt(num / den) if den > 0 else 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +14,7 @@ from flwr.serverapp import Grid
 from ..config import ConfigError, RunConfig
 from ..lora.aggregate import aggregate_fedsa
 from ..lora.components import B_SUFFIX, without_factor
+from ..lora.residual import personal_residual
 from ..lora.state import (
     LoraState,
     check_state,
@@ -29,10 +31,19 @@ from ..wire import (
     METRICS_KEY,
     PARTITION_ID,
     PERSONAL_EVAL,
+    PERSONAL_RESIDUAL,
     PREDICTIONS_KEY,
+    RESIDUAL_DEN,
+    RESIDUAL_NUM,
     record_to_arrays,
 )
-from .base import ClientRoundStats, ReplyError, check_record_bytes, state_record_limit
+from .base import (
+    STATUS_OK,
+    ClientRoundStats,
+    ReplyError,
+    check_record_bytes,
+    state_record_limit,
+)
 from .fedit import FedIT
 
 log = logging.getLogger(__name__)
@@ -69,10 +80,13 @@ class FedSALoRA(FedIT):
     clients (:class:`PersonalEvaluation`). Before training every B is zero, so round 0 is
     the server's evaluation of the shared model, which every client then holds.
 
-    The aggregation residual is not reported: the server never sees a client's B.
+    The aggregation residual comes from the clients: the server never sees a B, so after
+    every round each client that trained reports ``||B_k (A_k - A_new)||_F^2`` and
+    ``||B_k A_k||_F^2`` summed over modules (its model goes from ``B_k A_k`` to
+    ``B_k A_new``), through Flower's federated-evaluation slot of the round.
     """
 
-    reports_residual = False
+    reports_residual = False  # not from the server's factors: the clients report it
     flower_dp = False  # the server's B is not the clients': noise there would be noise only
 
     @classmethod
@@ -111,6 +125,55 @@ class FedSALoRA(FedIT):
         return aggregate_fedsa(
             global_state, [u.payload for u in updates], [u.num_examples for u in updates]
         )
+
+    # -------------------------------------------------------------- residual
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's federated-evaluation slot of every round asks the nodes that trained
+        for their residual terms against the new shared A (a small message each: the
+        shared A and head out, two numbers back; counted in ``residual_query_bytes``)."""
+        stats = self.stats.get(server_round)
+        if stats is None:
+            return []
+        nodes = sorted(n for n, c in stats.clients.items() if c.status == STATUS_OK)
+        self._eval_nodes = set(nodes)
+        shared = without_factor(from_array_record(arrays), B_SUFFIX)
+        content = RecordDict(
+            {
+                ARRAYS_KEY: to_array_record(shared),
+                CONFIG_KEY: ConfigRecord({"server-round": server_round, PERSONAL_RESIDUAL: True}),
+            }
+        )
+        stats.extra["residual_query_bytes"] = record_dict_bytes(content) * len(nodes)
+        return [
+            Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE)
+            for n in nodes
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> None:
+        """The round's aggregation residual from the clients' terms
+        (:func:`~haflq_flower.lora.residual.personal_residual`, weights n_k as in the
+        round's aggregation); malformed or unasked replies are ignored."""
+        stats = self.stats.get(server_round)
+        if stats is None:
+            return None
+        terms, weights, seen = [], [], set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error() or node not in self._eval_nodes or node in seen:
+                continue
+            seen.add(node)
+            metrics = dict(msg.content.metric_records.get(METRICS_KEY, {}))
+            num, den = metrics.get(RESIDUAL_NUM), metrics.get(RESIDUAL_DEN)
+            if not all(isinstance(v, float) and 0.0 <= v < 3.4e38 for v in (num, den)):
+                continue
+            terms.append((num, den))
+            weights.append(float(stats.clients[node].num_examples))
+            stats.extra["residual_query_bytes"] += record_dict_bytes(msg.content)
+        if terms:
+            stats.extra["aggregation_residual"] = personal_residual(terms, weights)
+        return None
 
     # -------------------------------------------------------------- evaluate
     def evaluate_on_clients(
