@@ -100,49 +100,9 @@ def load_run_config(values: Mapping[str, Any]) -> RunConfig:
 
 
 def build_strategy(cfg: RunConfig) -> LoRAStrategy:
-    """The strategy named by ``strategy.name``, with every knob from the run config."""
-    common = dict(
-        fraction_train=cfg.strategy.fraction_train,
-        min_train_nodes=cfg.strategy.min_train_nodes,
-        fraction_evaluate=cfg.strategy.fraction_evaluate,
-        seed=cfg.seed,
-        min_replies=cfg.strategy.min_replies,
-        max_examples=cfg.strategy.max_examples,
-        clip_factor=cfg.strategy.clip_factor,
-        weight_clip=cfg.strategy.weight_clip,
-        dp=cfg.dp,
-    )
-    cls = strategy_class(cfg.strategy.name)
-    if not issubclass(cls, HeterogeneousLoRA):
-        return cls(**common)
-    payload = cfg.strategy.payload
-    kwargs = dict(
-        mode=cfg.strategy.mode,
-        aggregation=cfg.strategy.aggregation,
-        downlink_bits=payload.downlink_bits,
-        widths=payload.widths,
-        channel=cfg.strategy.channel,
-        max_uplink_bps=cfg.strategy.max_uplink_bps,
-        # profile and block-salience queries wait as long as a training round
-        query_timeout=cfg.strategy.round_timeout,
-        max_memory_mb=cfg.strategy.max_memory_mb,
-        blocks=BlockPlanner(
-            precision=cfg.strategy.blocks.precision,
-            metric=cfg.strategy.blocks.salience_metric,
-            calibration_rows=cfg.strategy.blocks.calibration_rows,
-            calibration_clients=cfg.strategy.blocks.calibration_clients,
-            seed=cfg.seed,
-        ),
-    )
-    if payload.uplink != "auto":  # auto: the class's own default
-        kwargs["uplink"] = payload.uplink
-    if issubclass(cls, HAFLQStrategy):
-        kwargs.update(
-            importance_smoothing=cfg.strategy.importance.smoothing,
-            tie_break=cfg.strategy.importance.tie_break,
-            score_clip=cfg.strategy.score_clip,
-        )
-    return cls(**kwargs, **common)
+    """The strategy named by ``strategy.name``, built by its own
+    :meth:`LoRAStrategy.from_run_config` with every knob from the run config."""
+    return strategy_class(cfg.strategy.name).from_run_config(cfg)
 
 
 __all__ = [

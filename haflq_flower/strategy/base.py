@@ -237,6 +237,27 @@ class LoRAStrategy(Strategy):
 
     # ------------------------------------------------------------------ hooks
     @classmethod
+    def run_config_kwargs(cls, cfg: RunConfig) -> dict[str, Any]:
+        """The constructor arguments this class takes from the run config (a subclass
+        adds its own to ``super().run_config_kwargs(cfg)``)."""
+        return dict(
+            fraction_train=cfg.strategy.fraction_train,
+            min_train_nodes=cfg.strategy.min_train_nodes,
+            fraction_evaluate=cfg.strategy.fraction_evaluate,
+            seed=cfg.seed,
+            min_replies=cfg.strategy.min_replies,
+            max_examples=cfg.strategy.max_examples,
+            clip_factor=cfg.strategy.clip_factor,
+            weight_clip=cfg.strategy.weight_clip,
+            dp=cfg.dp,
+        )
+
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig) -> LoRAStrategy:
+        """This strategy with every knob from the run config."""
+        return cls(**cls.run_config_kwargs(cfg))
+
+    @classmethod
     def check_run_config(cls, cfg: RunConfig) -> None:
         """Raise :class:`~haflq_flower.config.ConfigError` if the run config asks for
         something this strategy cannot do (checked when the run config is parsed).

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from flwr.serverapp import Grid
 
+from ..config import RunConfig
 from ..lora.aggregate import ADAPTIVE
 from ..lora.components import Selection
 from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance, clip_scores
@@ -72,6 +73,17 @@ class HAFLQStrategy(HeterogeneousLoRA):
         self.tie_break = tie_break
         self.importance: GlobalImportance | None = None
         self._tie_order: np.ndarray | None = None
+
+    @classmethod
+    def run_config_kwargs(cls, cfg: RunConfig) -> dict[str, Any]:
+        """The heterogeneous base's, plus the importance settings."""
+        kwargs = super().run_config_kwargs(cfg)
+        kwargs.update(
+            importance_smoothing=cfg.strategy.importance.smoothing,
+            tie_break=cfg.strategy.importance.tie_break,
+            score_clip=cfg.strategy.score_clip,
+        )
+        return kwargs
 
     def select_components(self, server_round: int, node_id: int, budget: int) -> Selection:
         """The node's components per module: the top ``budget`` by global importance."""

@@ -212,6 +212,34 @@ class HeterogeneousLoRA(LoRAStrategy):
 
     # ------------------------------------------------------------ user hooks
     @classmethod
+    def run_config_kwargs(cls, cfg: RunConfig) -> dict[str, Any]:
+        """The base's, plus mode, aggregation, payload, channel, profile caps and blocks;
+        ``payload.uplink="auto"`` leaves the class's own default uplink."""
+        payload = cfg.strategy.payload
+        kwargs = super().run_config_kwargs(cfg)
+        kwargs.update(
+            mode=cfg.strategy.mode,
+            aggregation=cfg.strategy.aggregation,
+            downlink_bits=payload.downlink_bits,
+            widths=payload.widths,
+            channel=cfg.strategy.channel,
+            max_uplink_bps=cfg.strategy.max_uplink_bps,
+            # profile and block-salience queries wait as long as a training round
+            query_timeout=cfg.strategy.round_timeout,
+            max_memory_mb=cfg.strategy.max_memory_mb,
+            blocks=BlockPlanner(
+                precision=cfg.strategy.blocks.precision,
+                metric=cfg.strategy.blocks.salience_metric,
+                calibration_rows=cfg.strategy.blocks.calibration_rows,
+                calibration_clients=cfg.strategy.blocks.calibration_clients,
+                seed=cfg.seed,
+            ),
+        )
+        if payload.uplink != "auto":
+            kwargs["uplink"] = payload.uplink
+        return kwargs
+
+    @classmethod
     def check_run_config(cls, cfg: RunConfig) -> None:
         """Every setting is allowed: block precision is assigned per node."""
 
