@@ -130,3 +130,21 @@ def test_the_control_api_is_never_exposed_without_protection(tmp_path):
     assert "return 403" in conf and "/v1/control" not in conf.split("location / {")[0]
     assert main(["--make-credentials", str(tmp_path / "c"), "--host", "fl.example.org"]) == 0
     assert "listen 9093 ssl" in (tmp_path / "c" / "fleet-proxy.nginx.conf").read_text()
+
+
+def test_fedsa_keeps_b_on_real_supernodes_under_local_dp(tmp_path):
+    """Deployed, each message starts a fresh ClientApp process: FedSA-LoRA's B must come
+    back from the SuperNode's context in round 2 (b_start_norm > 0), and local DP runs
+    with the accountant's epsilon in every round."""
+    nodes = [f'tier="low" lora-rank=8 partition-id={i} num-partitions=2' for i in range(2)]
+    run = TINY_RUN.replace('strategy.name="haflq"', 'strategy.name="fedsa-lora"') + (
+        ' dp.mode="local" dp.clip=0.5 dp.noise-multiplier=0.8'
+    )
+    report = deploy(tmp_path, nodes, [run], ROOT, timeout=900)
+    assert report.status == COMPLETED, (tmp_path / "superlink.log").read_text()[-3000:]
+    rounds = _rounds(report)
+    assert all(v == 0.0 for v in rounds[1]["b_start_norm"].values())
+    assert len(rounds[2]["b_start_norm"]) == 2
+    assert all(v > 0.0 for v in rounds[2]["b_start_norm"].values())
+    assert 0 < rounds[1]["dp_epsilon"] < rounds[2]["dp_epsilon"]
+    assert 0.0 < rounds[2]["aggregation_residual"]
