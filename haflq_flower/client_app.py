@@ -36,6 +36,7 @@ from .lora.components import (
 )
 from .lora.merge import merge_stacks
 from .lora.residual import personal_residual_terms
+from .lora.robust import state_norm
 from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
 from .lora.view import FREEZE, MODES, component_view, frozen_a
 from .model import (
@@ -328,9 +329,7 @@ def _with_own_b(
             full[key] = b if b is not None and b.shape == value.shape else np.zeros_like(value)
         else:
             full[key] = shared[key]
-    norm = float(
-        np.sqrt(sum(float(np.sum(np.square(v))) for v in only_factor(full, B_SUFFIX).values()))
-    )
+    norm = state_norm(only_factor(full, B_SUFFIX))
     return full, norm
 
 

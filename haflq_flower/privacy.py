@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .lora.robust import state_norm
+
 OFF, CENTRAL, LOCAL = "off", "central", "local"
 DP_MODES = (OFF, CENTRAL, LOCAL)
 
@@ -65,18 +67,11 @@ class DPConfig:
         return self.noise_multiplier * self.clip
 
 
-def update_norm(update: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of all arrays of an update together, in float64."""
-    return math.sqrt(
-        sum(float(np.sum(np.square(np.asarray(v, np.float64)))) for v in update.values())
-    )
-
-
 def clip_update(
     update: Mapping[str, np.ndarray], clip: float
 ) -> tuple[OrderedDict[str, np.ndarray], float]:
     """``update * min(1, C / ||update||)`` (whole-update L2 clipping) and the norm before."""
-    norm = update_norm(update)
+    norm = state_norm(update)
     scale = 1.0 if norm <= clip else clip / norm
     return OrderedDict(
         (k, (np.asarray(v) * scale).astype(np.asarray(v).dtype)) for k, v in update.items()

@@ -10,13 +10,13 @@ import pytest
 
 from haflq_flower.config import ConfigError
 from haflq_flower.lora.aggregate import ComponentUpload, aggregate_components
+from haflq_flower.lora.robust import state_norm
 from haflq_flower.privacy import (
     DPConfig,
     PrivacyAccountant,
     add_average_noise,
     add_noise,
     clip_update,
-    update_norm,
 )
 from haflq_flower.quant.payload import (
     components_from_delta,
@@ -58,7 +58,7 @@ def test_clip_update_known_answers():
     update = OrderedDict(a=np.array([3.0, 0.0], np.float32), b=np.array([[0.0], [4.0]], np.float32))
     clipped, norm = clip_update(update, 1.0)
     assert norm == pytest.approx(5.0)
-    assert update_norm(clipped) == pytest.approx(1.0, rel=1e-6)
+    assert state_norm(clipped) == pytest.approx(1.0, rel=1e-6)
     np.testing.assert_allclose(clipped["a"], [0.6, 0.0], rtol=1e-6)
     same, _ = clip_update(update, 10.0)  # within the clip: untouched
     np.testing.assert_array_equal(same["b"], update["b"])
@@ -117,7 +117,7 @@ def test_one_clients_contribution_to_the_sums_is_within_the_clip(aggregation):
             else:
                 full[...] = up.delta[key]
             share[key] = full
-        assert update_norm(share) <= clip * (1 + 1e-6)
+        assert state_norm(share) <= clip * (1 + 1e-6)
         if i == 0:
             sums = share
         else:
@@ -146,7 +146,7 @@ def test_the_quantizer_cannot_undo_the_clip_beyond_its_stated_bound(widths):
     dims = [(D_IN, D_OUT)] * len(MODS)
     _, decoded = delta_from_components(keys, a, b, head_out, MODS, dims)
     bound = quantization_error_bound(components, chosen, head)
-    assert update_norm(decoded) <= clip + bound * (1 + 1e-4)
+    assert state_norm(decoded) <= clip + bound * (1 + 1e-4)
     assert bound > 0
 
 
