@@ -79,6 +79,3 @@ class _Unwrapped:
 
     def aggregate_train(self, server_round, replies):
         return LoRAStrategy.aggregate_train(self._strategy, server_round, replies)
-
-    def summary(self) -> None:
-        self._strategy.summary()
