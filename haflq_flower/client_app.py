@@ -78,7 +78,6 @@ from .wire import (
     RESIDUAL_DEN,
     RESIDUAL_NUM,
     SALIENCE_KEY,
-    SCORES_KEY,
     SELECTION_KEY,
     STEPS,
     TRAIN_LOSS,
@@ -87,7 +86,6 @@ from .wire import (
     WEIGHT_BYTES,
     encode_upload,
     record_to_arrays,
-    selection_to_record,
 )
 
 log = logging.getLogger(__name__)
@@ -373,13 +371,10 @@ def _train_components(msg, model, mode: str, run, cfg: RunConfig, rng):
         # scores come from the local data and steer the server's selection: under DP the
         # device reports none (all zero), so the selection is the server's alone
         scores = {m: np.zeros_like(v) for m, v in scores.items()}
-    upload = encode_upload(delta, selection, scores, modules, msg.content[CONFIG_KEY], rng)
-    records = {
-        **upload.records,
-        SELECTION_KEY: selection_to_record(selection),
-        SCORES_KEY: to_array_record({m: v.astype(np.float32) for m, v in scores.items()}),
-    }
-    return result, records, upload.metrics
+    records, metrics = encode_upload(
+        delta, selection, scores, modules, msg.content[CONFIG_KEY], rng
+    )
+    return result, records, metrics
 
 
 def handle_profile(msg: Message, context: Context, cfg: RunConfig) -> Message:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -76,14 +75,6 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array_to_numpy(arr) for name, arr in record.items()}
 
 
-@dataclass
-class Upload:
-    """A client's component upload: the reply's records and the metrics about them."""
-
-    records: dict[str, ArrayRecord]
-    metrics: dict[str, int]
-
-
 def encode_upload(
     delta: dict[str, np.ndarray],
     selection: dict[str, np.ndarray],
@@ -91,14 +82,20 @@ def encode_upload(
     modules: list[str],
     node_cfg,
     rng: np.random.Generator,
-) -> Upload:
-    """The uplink as the server asked for it: adaptive bit-packed payload, fp16 or fp32."""
+) -> tuple[dict[str, ArrayRecord], dict[str, int]]:
+    """A component upload's records and the metrics about them: the deltas as the server
+    asked for them (adaptive bit-packed payload, fp16 or fp32), the trained components'
+    selection and their importance scores."""
+    records = {
+        SELECTION_KEY: selection_to_record(selection),
+        SCORES_KEY: to_array_record({m: v.astype(np.float32) for m, v in scores.items()}),
+    }
     uplink = str(node_cfg.get("uplink", "fp32"))
     if uplink == "fp32":
-        return Upload({ARRAYS_KEY: to_array_record(delta)}, {})
+        return {ARRAYS_KEY: to_array_record(delta), **records}, {}
     if uplink == "fp16":
         half = {k: v.astype(np.float16) for k, v in delta.items()}
-        return Upload({ARRAYS_KEY: to_array_record(half)}, {})
+        return {ARRAYS_KEY: to_array_record(half), **records}, {}
     if uplink != "adaptive":
         raise ValueError(f"unknown uplink {uplink!r} from the server")
     budget = int(node_cfg["uplink-budget-bytes"])
@@ -111,4 +108,4 @@ def encode_upload(
     record = to_array_record(arrays)
     metrics = {f"bits-{w}": int((chosen == w).sum()) for w in (16, 8, 4, 2, 0)}
     metrics["payload-bytes"] = record.count_bytes()
-    return Upload({PAYLOAD_KEY: record}, metrics)
+    return {PAYLOAD_KEY: record, **records}, metrics

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from haflq_flower.lora.aggregate import (
-    ComponentUpload,
     aggregate_components,
     aggregate_hetlora,
     hetlora_weights,
     weighted_average,
 )
 from haflq_flower.lora.components import (
+    ClientUpdate,
     check_selection,
     first_selection,
     full_selection,
@@ -49,7 +49,7 @@ def _upload(weight, idx, seed, head=None):
             ),
         ]
     )
-    return ComponentUpload(float(weight), {M: idx}, delta)
+    return ClientUpdate(delta, weight, {M: idx})
 
 
 A, B = f"{M}.lora_A.weight", f"{M}.lora_B.weight"
@@ -81,19 +81,20 @@ def test_component_updated_by_a_subset_adaptive_known_answer():
     u2 = _upload(30, [1, 2], seed=2)
     out = aggregate_components(state, [u1, u2], "adaptive")
     # component 0: only client 1 -> its delta, undiluted
-    np.testing.assert_allclose(out[A][0], state[A][0] + u1.delta[A][0], rtol=1e-6)
+    np.testing.assert_allclose(out[A][0], state[A][0] + u1.arrays[A][0], rtol=1e-6)
     # component 1: both, weighted 10:30
-    exp = state[A][1] + (10 * u1.delta[A][1] + 30 * u2.delta[A][0]) / 40
+    exp = state[A][1] + (10 * u1.arrays[A][1] + 30 * u2.arrays[A][0]) / 40
     np.testing.assert_allclose(out[A][1], exp, rtol=1e-6)
-    exp_b = state[B][:, 1] + (10 * u1.delta[B][:, 1] + 30 * u2.delta[B][:, 0]) / 40
+    exp_b = state[B][:, 1] + (10 * u1.arrays[B][:, 1] + 30 * u2.arrays[B][:, 0]) / 40
     np.testing.assert_allclose(out[B][:, 1], exp_b, rtol=1e-6)
     # component 2: only client 2
-    np.testing.assert_allclose(out[A][2], state[A][2] + u2.delta[A][1], rtol=1e-6)
+    np.testing.assert_allclose(out[A][2], state[A][2] + u2.arrays[A][1], rtol=1e-6)
     # component 3: nobody -> bit-identical
     assert np.array_equal(out[A][3], state[A][3]) and np.array_equal(out[B][:, 3], state[B][:, 3])
     # the head is FedAvg'd over all participants
     exp_head = (
-        state["score.weight"] + (10 * u1.delta["score.weight"] + 30 * u2.delta["score.weight"]) / 40
+        state["score.weight"]
+        + (10 * u1.arrays["score.weight"] + 30 * u2.arrays["score.weight"]) / 40
     )
     np.testing.assert_allclose(out["score.weight"], exp_head, rtol=1e-6)
 
@@ -117,7 +118,7 @@ def test_deltas_equal_values_when_all_start_from_the_global():
     state = _state()
     uploads = [_upload(w, [0, 1, 2, 3], seed=s) for w, s in ((5, 1), (15, 2), (20, 3))]
     out = aggregate_components(state, uploads, "adaptive")
-    values = [OrderedDict((k, state[k] + u.delta[k]) for k in state) for u in uploads]
+    values = [OrderedDict((k, state[k] + u.arrays[k]) for k in state) for u in uploads]
     np.testing.assert_allclose(
         out[A], weighted_average(values, [5, 15, 20])[A], rtol=1e-5, atol=1e-6
     )
@@ -149,10 +150,10 @@ def test_hetlora_zero_pads_values_with_norm_weights():
     u1 = _upload(10, [0, 1], seed=1)
     u2 = _upload(30, [0, 1, 2, 3], seed=2)
     out = aggregate_hetlora(state, [u1, u2])
-    v1a = state[A][[0, 1], :] + u1.delta[A]
-    v1b = state[B][:, [0, 1]] + u1.delta[B]
-    v2a = state[A] + u2.delta[A]
-    v2b = state[B] + u2.delta[B]
+    v1a = state[A][[0, 1], :] + u1.arrays[A]
+    v1b = state[B][:, [0, 1]] + u1.arrays[B]
+    v2a = state[A] + u2.arrays[A]
+    v2b = state[B] + u2.arrays[B]
     n1 = np.linalg.norm(v1b.astype(np.float64) @ v1a)
     n2 = np.linalg.norm(v2b.astype(np.float64) @ v2a)
     w1, w2 = n1 / (n1 + n2), n2 / (n1 + n2)
@@ -164,7 +165,7 @@ def test_hetlora_zero_pads_values_with_norm_weights():
     np.testing.assert_allclose(out[A][2:], w2 * v2a[2:], rtol=1e-5)
     # the head: FedAvg by examples
     exp_head = (
-        state["score.weight"] + 0.25 * u1.delta["score.weight"] + 0.75 * u2.delta["score.weight"]
+        state["score.weight"] + 0.25 * u1.arrays["score.weight"] + 0.75 * u2.arrays["score.weight"]
     )
     np.testing.assert_allclose(out["score.weight"], exp_head, rtol=1e-5)
 
@@ -211,7 +212,7 @@ def test_fedex_residual_makes_the_global_product_the_average_product():
     glob, ups, values = _clients_full()
     averaged, residual = fedex_residual(glob, ups)
     # the factors are FedIT's average of the clients' values
-    fedit = weighted_average(values, [u.weight for u in ups])
+    fedit = weighted_average(values, [u.num_examples for u in ups])
     np.testing.assert_allclose(averaged[A], fedit[A], rtol=1e-6)
     np.testing.assert_allclose(averaged[B], fedit[B], rtol=1e-6)
     b_res, a_res = residual[M]
@@ -253,7 +254,7 @@ def test_aggregation_residual_known_answers():
     from haflq_flower.lora.residual import aggregation_residual, global_pairs
 
     glob, ups, values = _clients_full()
-    weights = [u.weight for u in ups]
+    weights = [u.num_examples for u in ups]
     target = _average_product(values, weights)
     fedit = weighted_average(values, weights)
     expected = np.linalg.norm(target - fedit[B].astype(np.float64) @ fedit[A]) / np.linalg.norm(

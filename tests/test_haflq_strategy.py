@@ -72,11 +72,9 @@ def _reply(msg: Message, n: int, scale: float = 1.0, tamper=None) -> Message:
     shapes = gather(sent, sel) if cfg["mode"] == "freeze" else sent
     delta = OrderedDict((k, np.full(v.shape, scale, np.float32)) for k, v in shapes.items())
     scores = {m: (idx + 1).astype(np.float32) for m, idx in sel.items()}
-    upload = encode_upload(delta, sel, scores, MODS, cfg, np.random.default_rng(0))
+    records, _ = encode_upload(delta, sel, scores, MODS, cfg, np.random.default_rng(0))
     records = {
-        **upload.records,
-        SELECTION_KEY: selection_to_record(sel),
-        SCORES_KEY: to_array_record(scores),
+        **records,
         "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
     }
     if tamper:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from haflq_flower.lora.components import ClientUpdate
 from haflq_flower.lora.importance import (
-    ComponentReport,
     GlobalImportance,
     Sensitivity,
     component_scores,
@@ -59,13 +59,19 @@ def test_global_importance_weighting_smoothing_and_untouched():
     imp = GlobalImportance(["m"], rank=4, smoothing=0.5)
     imp.update(
         [
-            ComponentReport(10, {"m": np.array([0, 1])}, {"m": np.array([1.0, 2.0])}),
-            ComponentReport(30, {"m": np.array([1, 2])}, {"m": np.array([4.0, 8.0])}),
+            ClientUpdate(
+                {}, 10, trained={"m": np.array([0, 1])}, scores={"m": np.array([1.0, 2.0])}
+            ),
+            ClientUpdate(
+                {}, 30, trained={"m": np.array([1, 2])}, scores={"m": np.array([4.0, 8.0])}
+            ),
         ]
     )
     # first report: no smoothing; component 1 is the n-weighted mean (10*2 + 30*4)/40 = 3.5
     np.testing.assert_allclose(imp.scores["m"], [1.0, 3.5, 8.0, 0.0])
-    imp.update([ComponentReport(5, {"m": np.array([0, 3])}, {"m": np.array([3.0, 1.0])})])
+    imp.update(
+        [ClientUpdate({}, 5, trained={"m": np.array([0, 3])}, scores={"m": np.array([3.0, 1.0])})]
+    )
     # component 0 smoothed: .5*1 + .5*3 = 2; 1, 2 untouched; 3 first seen -> 1
     np.testing.assert_allclose(imp.scores["m"], [2.0, 3.5, 8.0, 1.0])
     assert imp.select(2)["m"].tolist() == [1, 2]

@@ -8,13 +8,13 @@ import pytest
 
 from haflq_flower.config import ConfigError
 from haflq_flower.lora.aggregate import (
-    ComponentUpload,
     aggregate_ffa,
     aggregate_flexlora,
     aggregate_padded_values,
     client_values,
     stack_flora,
 )
+from haflq_flower.lora.components import ClientUpdate
 
 R, D_IN, D_OUT = 4, 7, 5  # d_out != d_in: a transposed SVD cannot even fit the shapes
 M = "layer.q"
@@ -33,7 +33,7 @@ def _state(seed: int = 0, b_zero: bool = False) -> OrderedDict:
     )
 
 
-def _upload(weight: float, rank: int, seed: int) -> ComponentUpload:
+def _upload(weight: float, rank: int, seed: int) -> ClientUpdate:
     """A client of rank ``rank`` that trained the first ``rank`` components."""
     rng = np.random.default_rng(50 + seed)
     delta = OrderedDict(
@@ -43,12 +43,12 @@ def _upload(weight: float, rank: int, seed: int) -> ComponentUpload:
             (HEAD, rng.normal(size=(2, D_OUT)).astype(np.float32)),
         ]
     )
-    return ComponentUpload(float(weight), {M: np.arange(rank)}, delta)
+    return ClientUpdate(delta, weight, {M: np.arange(rank)})
 
 
 def _products(glob, uploads):
     """sum_k p_k B_k A_k, from the clients' values, in float64."""
-    p = np.array([u.weight for u in uploads]) / sum(u.weight for u in uploads)
+    p = np.array([u.num_examples for u in uploads]) / sum(u.num_examples for u in uploads)
     out = np.zeros((D_OUT, D_IN))
     for pk, up in zip(p, uploads, strict=True):
         v = client_values(glob, up)
@@ -57,18 +57,18 @@ def _products(glob, uploads):
 
 
 def _fedavg_head(glob, uploads):
-    p = np.array([u.weight for u in uploads]) / sum(u.weight for u in uploads)
+    p = np.array([u.num_examples for u in uploads]) / sum(u.num_examples for u in uploads)
     return glob[HEAD] + sum(
-        pk * u.delta[HEAD].astype(np.float64) for pk, u in zip(p, uploads, strict=True)
+        pk * u.arrays[HEAD].astype(np.float64) for pk, u in zip(p, uploads, strict=True)
     )
 
 
 def test_client_values_are_received_components_plus_deltas():
     glob = _state()
-    up = ComponentUpload(1.0, {M: np.array([2, 0])}, _upload(1, 2, 0).delta)
+    up = ClientUpdate(_upload(1, 2, 0).arrays, 1, {M: np.array([2, 0])})
     v = client_values(glob, up)
-    np.testing.assert_allclose(v[A], glob[A][[2, 0]] + up.delta[A], rtol=1e-6)
-    np.testing.assert_allclose(v[B], glob[B][:, [2, 0]] + up.delta[B], rtol=1e-6)
+    np.testing.assert_allclose(v[A], glob[A][[2, 0]] + up.arrays[A], rtol=1e-6)
+    np.testing.assert_allclose(v[B], glob[B][:, [2, 0]] + up.arrays[B], rtol=1e-6)
 
 
 def test_flexlora_refactors_the_weighted_sum_of_products_by_svd():
@@ -108,7 +108,7 @@ def test_flexlora_decomposes_the_update_not_its_transpose():
     )
     a = np.arange(1, D_IN + 1, dtype=np.float32)
     delta = OrderedDict([(A, a[None, :]), (B, np.eye(D_OUT, 1, dtype=np.float32) * 2.0)])
-    out = aggregate_flexlora(glob, [ComponentUpload(1.0, {M: np.array([0])}, delta)])
+    out = aggregate_flexlora(glob, [ClientUpdate(delta, 1, {M: np.array([0])})])
     sign = np.sign(out[A][0, 0])
     np.testing.assert_allclose(out[A][0] * sign, a / np.linalg.norm(a), rtol=1e-6)
     np.testing.assert_allclose(
@@ -436,21 +436,20 @@ def test_value_peers_rebuild_client_values_from_the_global_as_sent(bits):
     """A client's values are what it received plus its deltas: with the 16-bit downlink,
     the float16-rounded global (else FlexLoRA/FLoRA would not be exact)."""
     from haflq_flower.strategy import FedITTruncated
-    from haflq_flower.strategy.base import ClientUpdate, RoundStats
-    from haflq_flower.strategy.haflq import ComponentPayload
+    from haflq_flower.strategy.base import RoundStats
 
     glob = _state()
     up = _upload(1, R, 0)  # one client holding every component: output = its values
     strategy = FedITTruncated(downlink_bits=bits)
     strategy._global = glob
     strategy.stats[1] = RoundStats(round=1)
-    payload = ComponentPayload(up.selection, up.delta, up.selection, {M: np.zeros(R)})
-    new = strategy.aggregate(1, glob, [ClientUpdate(0, payload, 1, {})])
+    up.trained, up.scores = up.selection, {M: np.zeros(R)}
+    new = strategy.aggregate(1, glob, [up])
     sent = glob[A].astype(np.float16) if bits == 16 else glob[A]
-    expected = sent.astype(np.float32) + up.delta[A]
+    expected = sent.astype(np.float32) + up.arrays[A]
     np.testing.assert_array_equal(new[A], expected)
     if bits == 16:  # the rounding is visible at float32 precision
-        assert not np.array_equal(new[A], glob[A] + up.delta[A])
+        assert not np.array_equal(new[A], glob[A] + up.arrays[A])
 
 
 @pytest.mark.slow

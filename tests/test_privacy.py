@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from haflq_flower.config import ConfigError
-from haflq_flower.lora.aggregate import ComponentUpload, aggregate_components
+from haflq_flower.lora.aggregate import aggregate_components
+from haflq_flower.lora.components import ClientUpdate
 from haflq_flower.lora.robust import state_norm
 from haflq_flower.privacy import (
     DPConfig,
@@ -27,7 +28,6 @@ from haflq_flower.quant.payload import (
     quantization_error_bound,
 )
 from haflq_flower.strategy import HAFLQStrategy
-from haflq_flower.strategy.base import ClientUpdate
 
 R, D_IN, D_OUT = 4, 6, 5
 MODS = ["m0", "m1"]
@@ -97,25 +97,23 @@ def test_one_clients_contribution_to_the_sums_is_within_the_clip(aggregation):
         {m: np.array([0, 1]) for m in MODS},
         {m: np.array([0, 1, 2, 3]) for m in MODS},
     ]
-    uploads, updates = [], []
+    updates = []
     for i, sel in enumerate(selections):
         delta, norm = clip_update(_delta(sel, seed=i, scale=3.0), clip)
         assert norm > clip
-        uploads.append(ComponentUpload(1.0, sel, delta))
-        payload = type("P", (), {"selection": sel, "delta": delta})()
-        updates.append(ClientUpdate(i, payload, 1, {}))
-    new = aggregate_components(glob, uploads, aggregation)
+        updates.append(ClientUpdate(delta, 1, sel, node_id=i))
+    new = aggregate_components(glob, updates, aggregation)
     counts = strategy.dp_counts(updates)
-    for i, up in enumerate(uploads):
+    for i, up in enumerate(updates):
         share = OrderedDict()
         for key, value in glob.items():
             full = np.zeros_like(value, dtype=np.float64)
             if key.endswith("lora_A.weight"):
-                full[up.selection[key.split(".")[0]], :] = up.delta[key]
+                full[up.selection[key.split(".")[0]], :] = up.arrays[key]
             elif key.endswith("lora_B.weight"):
-                full[:, up.selection[key.split(".")[0]]] = up.delta[key]
+                full[:, up.selection[key.split(".")[0]]] = up.arrays[key]
             else:
-                full[...] = up.delta[key]
+                full[...] = up.arrays[key]
             share[key] = full
         assert state_norm(share) <= clip * (1 + 1e-6)
         if i == 0:

@@ -116,10 +116,11 @@ def test_start_evaluates_round_0_only_for_a_fresh_run():
 
 
 def test_mean_train_loss_skips_missing_losses_instead_of_counting_zero():
-    from haflq_flower.strategy.base import ClientUpdate, mean_train_loss
+    from haflq_flower.lora.components import ClientUpdate
+    from haflq_flower.strategy.base import mean_train_loss
 
     def update(n, metrics):
-        return ClientUpdate(node_id=n, payload=None, num_examples=n, metrics=metrics)
+        return ClientUpdate({}, num_examples=n, node_id=n, metrics=metrics)
 
     ups = [update(1, {"train-loss": 2.0}), update(3, {"train-loss": 1.0}), update(4, {})]
     assert mean_train_loss(ups) == (1 * 2.0 + 3 * 1.0) / 4

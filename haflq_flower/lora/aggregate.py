@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from .components import (
     A_SUFFIX,
     B_SUFFIX,
+    ClientUpdate,
     LoraState,
     Selection,
     a_key,
@@ -69,28 +69,8 @@ def weighted_average(states: Sequence[LoraState], weights: Sequence[float]) -> L
     return out
 
 
-@dataclass
-class ComponentUpload:
-    """What one client sent: the components it updated, as deltas.
-
-    Attributes
-    ----------
-    weight : float
-        The client's aggregation weight n_k (its local dataset size).
-    selection : Selection
-        Per LoRA module, the global indices of the uploaded components.
-    delta : LoraState
-        A sub-state of deltas: ``A[idx, :]`` rows and ``B[:, idx]`` columns in selection
-        order, and whole deltas of the non-LoRA parameters (the head).
-    """
-
-    weight: float
-    selection: Selection
-    delta: LoraState
-
-
 def aggregate_components(
-    global_state: LoraState, uploads: Sequence[ComponentUpload], rule: str = ADAPTIVE
+    global_state: LoraState, updates: Sequence[ClientUpdate], rule: str = ADAPTIVE
 ) -> LoraState:
     """Rank-1 aggregation of component deltas.
 
@@ -106,9 +86,9 @@ def aggregate_components(
     """
     if rule not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation rule {rule!r}; allowed: {AGGREGATIONS}")
-    if not uploads:
+    if not updates:
         raise ValueError("aggregate_components needs at least one upload")
-    weights = np.array([u.weight for u in uploads], dtype=np.float64)
+    weights = np.array([u.num_examples for u in updates], dtype=np.float64)
     _normalized(weights)  # validates
     total = weights.sum()
     out: LoraState = OrderedDict((k, v.astype(np.float64)) for k, v in global_state.items())
@@ -117,10 +97,10 @@ def aggregate_components(
         num_a = np.zeros_like(out[ak])
         num_b = np.zeros_like(out[bk])
         den = np.zeros(out[ak].shape[0], dtype=np.float64)
-        for w, up in zip(weights, uploads, strict=True):
+        for w, up in zip(weights, updates, strict=True):
             idx = up.selection[module]
-            num_a[idx, :] += w * up.delta[ak]
-            num_b[:, idx] += w * up.delta[bk]
+            num_a[idx, :] += w * up.arrays[ak]
+            num_b[:, idx] += w * up.arrays[bk]
             den[idx] += w
         if rule == ADAPTIVE:
             hit = den > 0
@@ -130,14 +110,14 @@ def aggregate_components(
             out[ak] += num_a / total
             out[bk] += num_b / total
     for key in other_keys(global_state):
-        out[key] += sum(w * up.delta[key] for w, up in zip(weights, uploads, strict=True)) / total
+        out[key] += sum(w * up.arrays[key] for w, up in zip(weights, updates, strict=True)) / total
     return OrderedDict((k, v.astype(np.float32)) for k, v in out.items())
 
 
-def component_counts(rank: int, modules: list[str], uploads: Sequence[ComponentUpload]):
+def component_counts(rank: int, modules: list[str], updates: Sequence[ClientUpdate]):
     """Per module, how many clients uploaded each component (for logs and results)."""
     counts = {m: np.zeros(rank, dtype=np.int64) for m in modules}
-    for up in uploads:
+    for up in updates:
         for m in modules:
             counts[m][up.selection[m]] += 1
     return counts
@@ -161,18 +141,18 @@ def hetlora_weights(values: Sequence[LoraState], module: str) -> np.ndarray:
     return norms / norms.sum()
 
 
-def client_values(global_state: LoraState, up: ComponentUpload) -> LoraState:
+def client_values(global_state: LoraState, up: ClientUpdate) -> LoraState:
     """The LoRA factors a client ended with: the global components it received plus its
     deltas, in selection order (``A_k``: r_k x d_in, ``B_k``: d_out x r_k), float64."""
     v: LoraState = OrderedDict()
     for m in lora_modules(global_state):
         idx = up.selection[m]
-        v[a_key(m)] = global_state[a_key(m)][idx, :].astype(np.float64) + up.delta[a_key(m)]
-        v[b_key(m)] = global_state[b_key(m)][:, idx].astype(np.float64) + up.delta[b_key(m)]
+        v[a_key(m)] = global_state[a_key(m)][idx, :].astype(np.float64) + up.arrays[a_key(m)]
+        v[b_key(m)] = global_state[b_key(m)][:, idx].astype(np.float64) + up.arrays[b_key(m)]
     return v
 
 
-def apply_deltas(global_state: LoraState, up: ComponentUpload) -> LoraState:
+def apply_deltas(global_state: LoraState, up: ClientUpdate) -> LoraState:
     """The client's full-rank LoRA factors: every global component, the uploaded ones
     moved by their deltas (HAFLQ's freeze mode: the rest stayed frozen), float64."""
     v: LoraState = OrderedDict()
@@ -180,25 +160,25 @@ def apply_deltas(global_state: LoraState, up: ComponentUpload) -> LoraState:
         idx = up.selection[m]
         a = global_state[a_key(m)].astype(np.float64)
         b = global_state[b_key(m)].astype(np.float64)
-        a[idx, :] += up.delta[a_key(m)]
-        b[:, idx] += up.delta[b_key(m)]
+        a[idx, :] += up.arrays[a_key(m)]
+        b[:, idx] += up.arrays[b_key(m)]
         v[a_key(m)], v[b_key(m)] = a, b
     return v
 
 
 def fedavg_head(
-    global_state: LoraState, uploads: Sequence[ComponentUpload], out: LoraState
+    global_state: LoraState, updates: Sequence[ClientUpdate], out: LoraState
 ) -> LoraState:
     """FedAvg (n_k weights) of the non-LoRA parameters' deltas into ``out``; returns
     ``out`` in the global state's key order, float32."""
-    p = _normalized([u.weight for u in uploads])
+    p = _normalized([u.num_examples for u in updates])
     for key in other_keys(global_state):
-        delta = sum(pk * up.delta[key] for pk, up in zip(p, uploads, strict=True))
+        delta = sum(pk * up.arrays[key] for pk, up in zip(p, updates, strict=True))
         out[key] = global_state[key] + delta
     return OrderedDict((k, np.asarray(out[k], dtype=np.float32)) for k in global_state)
 
 
-def aggregate_hetlora(global_state: LoraState, uploads: Sequence[ComponentUpload]) -> LoraState:
+def aggregate_hetlora(global_state: LoraState, updates: Sequence[ClientUpdate]) -> LoraState:
     """HetLoRA: zero-pad every client's truncated factors to R and average the *values*.
 
     ``A = sum_k w_k pad(A_k)``, ``B = sum_k w_k pad(B_k)`` per module with the norm-based
@@ -206,11 +186,11 @@ def aggregate_hetlora(global_state: LoraState, uploads: Sequence[ComponentUpload
     dilution the paper criticizes). Client values are the global components they
     received plus their deltas. The head is FedAvg'd with ``n_k`` weights.
     """
-    return aggregate_padded_values(global_state, uploads, "norm")
+    return aggregate_padded_values(global_state, updates, "norm")
 
 
 def aggregate_padded_values(
-    global_state: LoraState, uploads: Sequence[ComponentUpload], weighting: str
+    global_state: LoraState, updates: Sequence[ClientUpdate], weighting: str
 ) -> LoraState:
     """Zero-padded average of the clients' truncated factor *values*, per module.
 
@@ -219,27 +199,27 @@ def aggregate_padded_values(
     ``w_k = n_k / sum_j n_j``). A component held by some clients only is diluted by the
     others' zeros. The head is FedAvg'd with ``n_k`` weights.
     """
-    if not uploads:
+    if not updates:
         raise ValueError("aggregate_padded_values needs at least one upload")
     if weighting not in ("norm", "examples"):
         raise ValueError(f"weighting must be 'norm' or 'examples', got {weighting!r}")
     out: LoraState = OrderedDict()
     modules = lora_modules(global_state)
-    values = [client_values(global_state, up) for up in uploads]
-    p = _normalized([u.weight for u in uploads])
+    values = [client_values(global_state, up) for up in updates]
+    p = _normalized([u.num_examples for u in updates])
     for m in modules:
         w = hetlora_weights(values, m) if weighting == "norm" else p
         ak, bk = a_key(m), b_key(m)
         acc_a = np.zeros(global_state[ak].shape, dtype=np.float64)
         acc_b = np.zeros(global_state[bk].shape, dtype=np.float64)
-        for wk, up, v in zip(w, uploads, values, strict=True):
+        for wk, up, v in zip(w, updates, values, strict=True):
             acc_a[up.selection[m], :] += wk * v[ak]
             acc_b[:, up.selection[m]] += wk * v[bk]
         out[ak], out[bk] = acc_a, acc_b
-    return fedavg_head(global_state, uploads, out)
+    return fedavg_head(global_state, updates, out)
 
 
-def aggregate_flexlora(global_state: LoraState, uploads: Sequence[ComponentUpload]) -> LoraState:
+def aggregate_flexlora(global_state: LoraState, updates: Sequence[ClientUpdate]) -> LoraState:
     """FlexLoRA: the weighted sum of every client's full-size LoRA product, re-factored by
     SVD to the global rank R.
 
@@ -250,10 +230,10 @@ def aggregate_flexlora(global_state: LoraState, uploads: Sequence[ComponentUploa
     of rank r_k then receives the first r_k components (:func:`first_selection`): its
     share of the top singular directions. The head is FedAvg'd.
     """
-    if not uploads:
+    if not updates:
         raise ValueError("aggregate_flexlora needs at least one upload")
     out: LoraState = OrderedDict()
-    for m, (b_stack, a_stack) in stack_flora(global_state, uploads).items():
+    for m, (b_stack, a_stack) in stack_flora(global_state, updates).items():
         ak, bk = a_key(m), b_key(m)
         rank = global_state[ak].shape[0]
         u, sv, vt = svd_of_product(b_stack, a_stack)
@@ -263,7 +243,7 @@ def aggregate_flexlora(global_state: LoraState, uploads: Sequence[ComponentUploa
         b_new[:, :keep] = u[:, :keep] * sv[None, :keep]
         a_new[:keep, :] = vt[:keep, :]
         out[ak], out[bk] = a_new, b_new
-    return fedavg_head(global_state, uploads, out)
+    return fedavg_head(global_state, updates, out)
 
 
 def svd_of_product(left: np.ndarray, right: np.ndarray):
@@ -292,16 +272,16 @@ def svd_of_product(left: np.ndarray, right: np.ndarray):
 
 
 def stack_flora(
-    global_state: LoraState, uploads: Sequence[ComponentUpload]
+    global_state: LoraState, updates: Sequence[ClientUpdate]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """FLoRA's stacking, per module: ``(B_stack, A_stack)`` with
     ``A_stack = [p_1 A_1; ...; p_K A_K]`` (sum r_k x d_in) and ``B_stack = [B_1 ... B_K]``
     (d_out x sum r_k), so that ``B_stack A_stack = sum_k p_k B_k A_k`` exactly. Clients
     merge ``s B_stack A_stack`` into their base weights. Float64."""
-    if not uploads:
+    if not updates:
         raise ValueError("stack_flora needs at least one upload")
-    p = _normalized([u.weight for u in uploads])
-    values = [client_values(global_state, up) for up in uploads]
+    p = _normalized([u.num_examples for u in updates])
+    values = [client_values(global_state, up) for up in updates]
     stacks = {}
     for m in lora_modules(global_state):
         a_stack = np.concatenate([pk * v[a_key(m)] for pk, v in zip(p, values, strict=True)])
@@ -311,7 +291,7 @@ def stack_flora(
 
 
 def fedex_residual(
-    global_state: LoraState, uploads: Sequence[ComponentUpload]
+    global_state: LoraState, updates: Sequence[ClientUpdate]
 ) -> tuple[LoraState, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """FedEx-LoRA (Singhal et al., ACL 2025): FedIT's averaged factors and the residual
     that makes the global model exact.
@@ -325,11 +305,11 @@ def fedex_residual(
     heterogeneous ranks (client k trains the first r_k components) the averages are
     zero-padded, as in FedIT-trunc, and the identity still holds exactly.
     """
-    if not uploads:
+    if not updates:
         raise ValueError("fedex_residual needs at least one upload")
-    averaged = aggregate_padded_values(global_state, uploads, "examples")
+    averaged = aggregate_padded_values(global_state, updates, "examples")
     residual = {}
-    for m, (b_stack, a_stack) in stack_flora(global_state, uploads).items():
+    for m, (b_stack, a_stack) in stack_flora(global_state, updates).items():
         b_bar = averaged[b_key(m)].astype(np.float64)
         a_bar = averaged[a_key(m)].astype(np.float64)
         residual[m] = (np.concatenate([b_stack, b_bar], axis=1), np.concatenate([a_stack, -a_bar]))
@@ -337,7 +317,7 @@ def fedex_residual(
 
 
 def fair_correction(
-    global_state: LoraState, uploads: Sequence[ComponentUpload], regularizer: float
+    global_state: LoraState, updates: Sequence[ClientUpdate], regularizer: float
 ) -> LoraState:
     """LoRA-FAIR (ICCV 2025): FedIT's averaged factors with B corrected on the server.
 
@@ -351,9 +331,9 @@ def fair_correction(
     """
     if regularizer < 0:
         raise ValueError(f"regularizer must be >= 0, got {regularizer}")
-    averaged = aggregate_padded_values(global_state, uploads, "examples")
-    p = _normalized([u.weight for u in uploads])
-    values = [client_values(global_state, up) for up in uploads]
+    averaged = aggregate_padded_values(global_state, updates, "examples")
+    p = _normalized([u.num_examples for u in updates])
+    values = [client_values(global_state, up) for up in updates]
     out = OrderedDict(averaged)
     for m in lora_modules(global_state):
         a_bar = averaged[a_key(m)].astype(np.float64)
@@ -410,7 +390,7 @@ __all__ = [
     "ADAPTIVE",
     "AGGREGATIONS",
     "B_SUFFIX",
-    "ComponentUpload",
+    "ClientUpdate",
     "Selection",
     "ZERO_PAD",
     "aggregate_components",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,6 +28,43 @@ A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
 
 Selection = dict[str, np.ndarray]
+
+
+@dataclass
+class ClientUpdate:
+    """One client's validated contribution to a round: the single update type that
+    every aggregation rule, the importance estimate, clipping and DP read.
+
+    Attributes
+    ----------
+    arrays : LoraState
+        With ``selection``: the deltas of the uploaded components (``A[idx, :]`` rows and
+        ``B[:, idx]`` columns in selection order) and whole deltas of the non-LoRA
+        parameters (the head). Without: the arrays the client sent whole (FedIT: its
+        adapter; FFA-LoRA: B and the head; FedSA-LoRA: A and the head).
+    num_examples : int
+        The client's aggregation weight n_k (its local dataset size; 1 under DP).
+    selection : Selection or None
+        Per LoRA module, the global indices of the uploaded components; None when
+        ``arrays`` holds whole tensors.
+    trained : Selection or None
+        Every component the client trained (a component dropped from the upload for
+        lack of bandwidth is still reported), with its importance in ``scores``.
+    scores : dict
+        Per module, the importance of each ``trained`` component, in that order.
+    node_id : int
+        The Flower node that sent it (0 outside a run).
+    metrics : dict
+        The reply's numeric training metrics.
+    """
+
+    arrays: LoraState
+    num_examples: int = 1
+    selection: Selection | None = None
+    trained: Selection | None = None
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    node_id: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def a_key(module: str) -> str:

@@ -17,11 +17,13 @@ client's set. All of it is plain numpy/torch, testable without Flower or a model
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+
+from .components import ClientUpdate
 
 TIE_BREAKS = ("index", "seed")
 
@@ -75,19 +77,11 @@ def top_components(scores: np.ndarray, r: int, tie_order: np.ndarray | None = No
     return np.sort(ranked[:r]).astype(np.int64)
 
 
-@dataclass
-class ComponentReport:
-    """Scores one client reported for the components it trained."""
-
-    weight: float
-    selection: Mapping[str, np.ndarray]
-    scores: Mapping[str, np.ndarray]
-
-
 def clip_scores(
-    reports: Sequence[ComponentReport], factor: float, reference: float = 0.0
-) -> list[ComponentReport]:
-    """Reports with every score capped at ``factor`` times a typical maximum.
+    reports: Sequence[ClientUpdate], factor: float, reference: float = 0.0
+) -> list[ClientUpdate]:
+    """The updates with every importance score (``scores`` of ``trained``) capped at
+    ``factor`` times a typical maximum.
 
     The typical maximum is the lower median of each report's largest score, together
     with ``reference`` (the current global maximum) when it is > 0. So one client cannot
@@ -97,7 +91,7 @@ def clip_scores(
 
     Examples
     --------
-    >>> reps = [ComponentReport(1, {"m": np.array([0])}, {"m": np.array([x])})
+    >>> reps = [ClientUpdate({}, trained={"m": np.array([0])}, scores={"m": np.array([x])})
     ...         for x in (1.0, 2.0, 1e30)]
     >>> [float(r.scores["m"][0]) for r in clip_scores(reps, 10.0)]
     [1.0, 2.0, 20.0]
@@ -112,10 +106,11 @@ def clip_scores(
         peaks.append(reference)
     bound = factor * sorted(peaks)[(len(peaks) - 1) // 2]
     return [
-        ComponentReport(
-            rep.weight,
-            rep.selection,
-            {m: np.minimum(np.asarray(v, dtype=np.float64), bound) for m, v in rep.scores.items()},
+        replace(
+            rep,
+            scores={
+                m: np.minimum(np.asarray(v, dtype=np.float64), bound) for m, v in rep.scores.items()
+            },
         )
         for rep in reports
     ]
@@ -144,14 +139,15 @@ class GlobalImportance:
             self.scores.setdefault(m, np.zeros(self.rank, dtype=np.float64))
             self.seen.setdefault(m, np.zeros(self.rank, dtype=bool))
 
-    def update(self, reports: Sequence[ComponentReport]) -> None:
+    def update(self, reports: Sequence[ClientUpdate]) -> None:
+        """Fold in the scores of the components each update trained (n_k weights)."""
         for m in self.modules:
             num = np.zeros(self.rank, dtype=np.float64)
             den = np.zeros(self.rank, dtype=np.float64)
             for rep in reports:
-                idx = np.asarray(rep.selection[m], dtype=np.int64)
-                num[idx] += rep.weight * np.asarray(rep.scores[m], dtype=np.float64)
-                den[idx] += rep.weight
+                idx = np.asarray(rep.trained[m], dtype=np.int64)
+                num[idx] += rep.num_examples * np.asarray(rep.scores[m], dtype=np.float64)
+                den[idx] += rep.num_examples
             hit = den > 0
             fresh = num[hit] / den[hit]
             old = self.scores[m][hit]

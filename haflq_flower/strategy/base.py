@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..config import ConfigError, RunConfig
+from ..lora.components import ClientUpdate
 from ..lora.residual import aggregation_residual, global_pairs
 from ..lora.robust import clip_scales, clip_weights, state_norm
 from ..lora.state import (
@@ -76,20 +77,6 @@ def state_record_limit(state: LoraState, itemsize: int = 8) -> int:
     """The largest honest serialized size of ``state`` sent back with ``itemsize``-byte
     values (float64 at most): values, one ``.npy`` header per array (< 256 bytes) and keys."""
     return sum(v.size * itemsize + 256 + len(k) for k, v in state.items())
-
-
-@dataclass
-class ClientUpdate:
-    """One validated training reply.
-
-    ``payload`` is what :meth:`LoRAStrategy.decode_reply` made of the reply: a full
-    adapter state for FedIT, the uploaded components for HAFLQ and HetLoRA.
-    """
-
-    node_id: int
-    payload: Any
-    num_examples: int
-    metrics: dict[str, float]
 
 
 @dataclass
@@ -310,20 +297,30 @@ class LoRAStrategy(Strategy):
         """
         return {ARRAYS_KEY: to_array_record(global_state)}
 
-    def decode_reply(self, node_id: int, content: RecordDict, stats: ClientRoundStats) -> Any:
-        """Turn a reply into the payload :meth:`aggregate` consumes.
+    def decode_reply(
+        self, node_id: int, content: RecordDict, stats: ClientRoundStats
+    ) -> ClientUpdate:
+        """Turn a reply into the :class:`ClientUpdate` that :meth:`aggregate` consumes
+        (its ``arrays``, and ``selection``/``trained``/``scores`` where the method has
+        them); the caller fills in the node, ``num_examples`` and the metrics.
 
-        Raise :class:`ReplyError` (or ``ValueError``) to reject it. Default: a full adapter
-        state with the keys and shapes of the global one, no larger than float64 values
-        of the global, every value within :meth:`value_limit`; returned as float32.
+        Raise :class:`ReplyError` (or ``ValueError``) to reject it. Default: the arrays
+        of :meth:`expected_reply` with their keys and shapes, no larger than float64
+        values of them, every value within :meth:`value_limit`; returned as float32.
         """
         if ARRAYS_KEY not in content.array_records:
             raise ReplyError(f"reply lacks the '{ARRAYS_KEY}' record")
+        expected = self.expected_reply()
         record = content.array_records[ARRAYS_KEY]
-        check_record_bytes(record, state_record_limit(self._global), ARRAYS_KEY)
+        check_record_bytes(record, state_record_limit(expected), ARRAYS_KEY)
         state = from_array_record(record)
-        check_state(self._global, state, self.value_limit())
-        return OrderedDict((k, v.astype(np.float32)) for k, v in state.items())
+        check_state(expected, state, self.value_limit())
+        return ClientUpdate(OrderedDict((k, v.astype(np.float32)) for k, v in state.items()))
+
+    def expected_reply(self) -> LoraState:
+        """The part of the global adapter a client sends back whole (default: all of it,
+        FedIT); :meth:`decode_reply` checks a reply's keys and shapes against it."""
+        return self._global
 
     def aggregate(
         self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
@@ -342,23 +339,23 @@ class LoRAStrategy(Strategy):
         average (:func:`~haflq_flower.privacy.add_average_noise`). Default: every array
         a client sent, averaged over all the round's updates (FedIT, FFA-LoRA,
         FedSA-LoRA)."""
-        keys = {k for u in updates for k in u.payload}
-        return {k: np.asarray(float(sum(k in u.payload for u in updates))) for k in keys}
+        keys = {k for u in updates for k in u.arrays}
+        return {k: np.asarray(float(sum(k in u.arrays for u in updates))) for k in keys}
 
     def update_delta(self, update: ClientUpdate) -> LoraState:
         """The client's change to the global state (default: each array it sent minus the
         global one, in float64 so that it cannot overflow); its norm is what
         :attr:`clip_factor` bounds."""
         return OrderedDict(
-            (k, v.astype(np.float64) - self._global[k]) for k, v in update.payload.items()
+            (k, v.astype(np.float64) - self._global[k]) for k, v in update.arrays.items()
         )
 
     def scale_update(self, update: ClientUpdate, scale: float) -> None:
         """Multiply the client's change to the global state by ``scale`` (in [0, 1]), in
         place; the result lies between the global and the reply, so stays in range."""
-        update.payload = OrderedDict(
+        update.arrays = OrderedDict(
             (k, (g + scale * (v.astype(np.float64) - g)).astype(v.dtype))
-            for k, v in update.payload.items()
+            for k, v in update.arrays.items()
             for g in (self._global[k].astype(np.float64),)
         )
 
@@ -505,7 +502,7 @@ class LoRAStrategy(Strategy):
             return None
         client = stats.clients.setdefault(node_id, ClientRoundStats(node=node_id))
         try:
-            payload = self.decode_reply(node_id, content, client)
+            update = self.decode_reply(node_id, content, client)
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as err:
             self._reject(stats, node_id, f"{type(err).__name__}: {err}")
             return None
@@ -529,7 +526,8 @@ class LoRAStrategy(Strategy):
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
-        return ClientUpdate(node_id, payload, num_examples, numeric)
+        update.node_id, update.num_examples, update.metrics = node_id, num_examples, numeric
+        return update
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -588,7 +586,7 @@ class LoRAStrategy(Strategy):
         """The LoRA factors the client's own model ended the round with (frozen
         components included), for the aggregation residual. Default: the reply is the
         client's whole adapter (FedIT)."""
-        return update.payload
+        return update.arrays
 
     def applied_pairs(
         self, server_round: int, new_state: LoraState

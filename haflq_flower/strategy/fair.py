@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..lora.aggregate import ComponentUpload, fair_correction
+from ..lora.aggregate import fair_correction
+from ..lora.components import ClientUpdate
 from ..lora.state import LoraState
 from .hetlora import FedITTruncated
 
@@ -23,6 +24,6 @@ class LoRAFAIR(FedITTruncated):
     regularizer = FAIR_REGULARIZER
 
     def aggregate_lora(
-        self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
+        self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
-        return fair_correction(global_state, uploads, self.regularizer)
+        return fair_correction(global_state, updates, self.regularizer)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..lora.aggregate import ComponentUpload, fedex_residual
+from ..lora.aggregate import fedex_residual
+from ..lora.components import ClientUpdate
 from ..lora.state import LoraState
 from ..untrusted import FLOAT32_MAX
 from .base import check_global
@@ -26,9 +27,9 @@ class FedExLoRA(FLoRA):
     """
 
     def aggregate_lora(
-        self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
+        self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
-        averaged, residual = fedex_residual(global_state, uploads)
+        averaged, residual = fedex_residual(global_state, updates)
         # checked before the stacks change: a rejected round leaves the strategy as it was
         check_global({m: v for m, pair in residual.items() for v in pair}, FLOAT32_MAX)
         for m, pair in residual.items():

@@ -64,7 +64,7 @@ class FedIT(LoRAStrategy):
     def aggregate(
         self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
-        return weighted_average([u.payload for u in updates], [u.num_examples for u in updates])
+        return weighted_average([u.arrays for u in updates], [u.num_examples for u in updates])
 
 
 class _Unwrapped:

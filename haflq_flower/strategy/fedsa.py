@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -17,7 +16,6 @@ from ..lora.components import B_SUFFIX, without_factor
 from ..lora.residual import personal_residual
 from ..lora.state import (
     LoraState,
-    check_state,
     from_array_record,
     record_dict_bytes,
     to_array_record,
@@ -39,10 +37,8 @@ from ..wire import (
 )
 from .base import (
     STATUS_OK,
-    ClientRoundStats,
     ReplyError,
     check_record_bytes,
-    state_record_limit,
 )
 from .fedit import FedIT
 
@@ -106,15 +102,9 @@ class FedSALoRA(FedIT):
         shared = without_factor(global_state, B_SUFFIX)
         return {ARRAYS_KEY: to_array_record(shared), CONFIG_KEY: ConfigRecord({KEEP_B: True})}
 
-    def decode_reply(self, node_id: int, content: RecordDict, stats: ClientRoundStats):
-        if ARRAYS_KEY not in content.array_records:
-            raise ReplyError(f"reply lacks the '{ARRAYS_KEY}' record")
-        expected = without_factor(self._global, B_SUFFIX)
-        record = content.array_records[ARRAYS_KEY]
-        check_record_bytes(record, state_record_limit(expected), ARRAYS_KEY)
-        state = from_array_record(record)
-        check_state(expected, state, self.value_limit())
-        return OrderedDict((k, v.astype(np.float32)) for k, v in state.items())
+    def expected_reply(self) -> LoraState:
+        """A and the head (B stays on the client)."""
+        return without_factor(self._global, B_SUFFIX)
 
     def aggregate(self, server_round: int, global_state: LoraState, updates) -> LoraState:
         # results.json: the norm of the own B each client started from (0 in its first
@@ -123,7 +113,7 @@ class FedSALoRA(FedIT):
             str(int(u.metrics.get(PARTITION_ID, -1))): u.metrics.get(B_START_NORM) for u in updates
         }
         return aggregate_fedsa(
-            global_state, [u.payload for u in updates], [u.num_examples for u in updates]
+            global_state, [u.arrays for u in updates], [u.num_examples for u in updates]
         )
 
     # -------------------------------------------------------------- residual

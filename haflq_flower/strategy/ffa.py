@@ -4,21 +4,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 
 from ..lora.aggregate import aggregate_ffa
 from ..lora.components import A_SUFFIX, without_factor
-from ..lora.state import LoraState, check_state, from_array_record
+from ..lora.state import LoraState
 from ..wire import FREEZE_A
 from .base import (
-    ARRAYS_KEY,
     CONFIG_KEY,
-    ClientRoundStats,
     ClientUpdate,
-    ReplyError,
-    check_record_bytes,
-    state_record_limit,
 )
 from .fedit import FedIT
 
@@ -39,28 +33,21 @@ class FFALoRA(FedIT):
         records = super().train_records(server_round, node_id, global_state)
         return {**records, CONFIG_KEY: ConfigRecord({FREEZE_A: True})}
 
-    def decode_reply(self, node_id: int, content: RecordDict, stats: ClientRoundStats):
-        if ARRAYS_KEY not in content.array_records:
-            raise ReplyError(f"reply lacks the '{ARRAYS_KEY}' record")
-        expected = trainable_part(self._global)
-        record = content.array_records[ARRAYS_KEY]
-        check_record_bytes(record, state_record_limit(expected), ARRAYS_KEY)
-        state = from_array_record(record)
-        check_state(expected, state, self.value_limit())
-        return OrderedDict((k, v.astype(np.float32)) for k, v in state.items())
+    def expected_reply(self) -> LoraState:
+        """B and the head (A stays frozen)."""
+        return trainable_part(self._global)
 
     def client_factors(self, global_state: LoraState, update: ClientUpdate) -> LoraState:
         """The client's B and the shared, frozen A."""
         return OrderedDict(
-            (k, global_state[k] if k.endswith(A_SUFFIX) else update.payload[k])
-            for k in global_state
+            (k, global_state[k] if k.endswith(A_SUFFIX) else update.arrays[k]) for k in global_state
         )
 
     def aggregate(
         self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
         return aggregate_ffa(
-            global_state, [u.payload for u in updates], [u.num_examples for u in updates]
+            global_state, [u.arrays for u in updates], [u.num_examples for u in updates]
         )
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..lora.aggregate import ComponentUpload, aggregate_flexlora
+from ..lora.aggregate import aggregate_flexlora
+from ..lora.components import ClientUpdate
 from ..lora.state import LoraState
 from .hetlora import HetLoRA
 
@@ -23,6 +24,6 @@ class FlexLoRA(HetLoRA):
     supports_dp = False  # not an average of the updates: noise on sums does not apply
 
     def aggregate_lora(
-        self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
+        self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
-        return aggregate_flexlora(global_state, uploads)
+        return aggregate_flexlora(global_state, updates)

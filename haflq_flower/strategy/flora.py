@@ -11,8 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from ..config import ConfigError, RunConfig
-from ..lora.aggregate import ComponentUpload, fedavg_head, stack_flora
-from ..lora.components import a_key, b_key, lora_modules
+from ..lora.aggregate import fedavg_head, stack_flora
+from ..lora.components import ClientUpdate, a_key, b_key, lora_modules
 from ..lora.state import LoraState, to_array_record
 from ..untrusted import FLOAT32_MAX
 from ..wire import MERGE_KEY
@@ -128,16 +128,16 @@ class FLoRA(HetLoRA):
         return out
 
     def aggregate_lora(
-        self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
+        self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
-        pairs = stack_flora(global_state, uploads)
+        pairs = stack_flora(global_state, updates)
         # Checked before the stacks change: a rejected round leaves the strategy as it was.
         check_global({m: v for m, pair in pairs.items() for v in pair}, FLOAT32_MAX)
         for m, pair in pairs.items():
             self.stacks.setdefault(m, []).append(pair)
         # The next round starts from the fresh adapter; the head is FedAvg'd.
         fresh = OrderedDict((k, v.copy()) for k, v in self.fresh.items())
-        return fedavg_head(global_state, uploads, fresh)
+        return fedavg_head(global_state, updates, fresh)
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta, arrays = super().state_dict()

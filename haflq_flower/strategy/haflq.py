@@ -19,13 +19,12 @@ from flwr.serverapp import Grid
 
 from ..config import RunConfig
 from ..lora.aggregate import ADAPTIVE
-from ..lora.components import Selection
-from ..lora.importance import TIE_BREAKS, ComponentReport, GlobalImportance, clip_scores
+from ..lora.components import ClientUpdate, Selection
+from ..lora.importance import TIE_BREAKS, GlobalImportance, clip_scores
 from ..lora.view import FREEZE
-from .base import ClientUpdate
-from .heterogeneous import UPLINKS, Assignment, ComponentPayload, HeterogeneousLoRA
+from .heterogeneous import UPLINKS, Assignment, HeterogeneousLoRA
 
-__all__ = ["Assignment", "ComponentPayload", "HAFLQStrategy", "UPLINKS"]
+__all__ = ["Assignment", "HAFLQStrategy", "UPLINKS"]
 
 
 class HAFLQStrategy(HeterogeneousLoRA):
@@ -92,9 +91,7 @@ class HAFLQStrategy(HeterogeneousLoRA):
     def update_importance(self, server_round: int, updates: list[ClientUpdate]) -> None:
         """Fold the clients' reported scores into the global importance (n_k-weighted),
         each first capped by :attr:`score_clip` (when > 0)."""
-        reports = [
-            ComponentReport(u.num_examples, u.payload.trained, u.payload.scores) for u in updates
-        ]
+        reports = updates
         if self.score_clip > 0:
             scores = self.importance.scores
             reference = max((float(v.max(initial=0.0)) for v in scores.values()), default=0.0)

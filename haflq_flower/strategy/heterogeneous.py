@@ -35,13 +35,13 @@ from ..lora.aggregate import (
     ADAPTIVE,
     AGGREGATIONS,
     ZERO_PAD,
-    ComponentUpload,
     aggregate_components,
     apply_deltas,
     client_values,
     component_counts,
 )
 from ..lora.components import (
+    ClientUpdate,
     Selection,
     a_key,
     b_key,
@@ -92,7 +92,6 @@ from .base import (
     ARRAYS_KEY,
     CONFIG_KEY,
     ClientRoundStats,
-    ClientUpdate,
     LoRAStrategy,
     ReplyError,
     check_global,
@@ -115,21 +114,6 @@ class Assignment:
     selection: Selection
     budget_bytes: int = 0
     block_bits: tuple[int, ...] | None = None
-
-
-@dataclass
-class ComponentPayload:
-    """A decoded HAFLQ reply.
-
-    ``selection``/``delta``: the components that were uploaded (and so are aggregated);
-    ``trained``/``scores``: every component the client trained, with its importance (a
-    component dropped from the upload for lack of bandwidth still reports its score).
-    """
-
-    selection: Selection
-    delta: LoraState
-    trained: Selection
-    scores: dict[str, np.ndarray]
 
 
 class HeterogeneousLoRA(LoRAStrategy):
@@ -267,13 +251,13 @@ class HeterogeneousLoRA(LoRAStrategy):
         return first_selection(self._global, budget)
 
     def aggregate_lora(
-        self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
+        self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
         """Combine the uploaded component deltas (rule: ``self.aggregation``)."""
-        return aggregate_components(global_state, uploads, self.aggregation)
+        return aggregate_components(global_state, updates, self.aggregation)
 
     def update_importance(self, server_round: int, updates: list[ClientUpdate]) -> None:
-        """What the clients' importance scores change (``u.payload.scores`` of the
+        """What the clients' importance scores change (``u.scores`` of the
         components each trained); default: nothing (HAFLQ folds them into its global
         importance)."""
 
@@ -354,7 +338,7 @@ class HeterogeneousLoRA(LoRAStrategy):
             if self.aggregation == ADAPTIVE and not self.padded_average:
                 per = np.zeros(rank)
                 for u in updates:
-                    per[u.payload.selection[module]] += 1.0
+                    per[u.selection[module]] += 1.0
             else:
                 per = np.full(rank, total)
             counts[a_key(module)] = per[:, None]
@@ -364,10 +348,10 @@ class HeterogeneousLoRA(LoRAStrategy):
         return counts
 
     def update_delta(self, update: ClientUpdate) -> LoraState:
-        return update.payload.delta
+        return update.arrays
 
     def scale_update(self, update: ClientUpdate, scale: float) -> None:
-        update.payload.delta = scale_state(update.payload.delta, scale)
+        update.arrays = scale_state(update.arrays, scale)
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Profiles by node and the block salience."""
@@ -484,7 +468,7 @@ class HeterogeneousLoRA(LoRAStrategy):
 
     def decode_reply(
         self, node_id: int, content: RecordDict, stats: ClientRoundStats
-    ) -> ComponentPayload:
+    ) -> ClientUpdate:
         job = self.assignments.get(node_id)
         if job is None:
             raise ReplyError("reply from a node that was not asked to train this round")
@@ -534,7 +518,7 @@ class HeterogeneousLoRA(LoRAStrategy):
                 raise ReplyError(f"{m}: uploaded components that were not trained")
         self._check_new_values(selection, delta)
         stats.components_up = int(sum(len(idx) for idx in selection.values()))
-        return ComponentPayload(selection, delta, trained, scores)
+        return ClientUpdate(delta, selection=selection, trained=trained, scores=scores)
 
     def _decode_arrays(self, record: ArrayRecord, selection: Selection) -> LoraState:
         """fp32/fp16 deltas of the trained components, checked like any adapter state."""
@@ -585,24 +569,17 @@ class HeterogeneousLoRA(LoRAStrategy):
         """freeze: all R global components with the trained ones moved by their deltas;
         truncate: the r_k components the client held (both from the global as received)."""
         global_state = self.received_global(global_state)
-        up = ComponentUpload(
-            float(update.num_examples), update.payload.selection, update.payload.delta
-        )
         if self.mode == TRUNCATE:
-            return client_values(global_state, up)
-        return apply_deltas(global_state, up)
+            return client_values(global_state, update)
+        return apply_deltas(global_state, update)
 
     def aggregate(
         self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
-        uploads = [
-            ComponentUpload(float(u.num_examples), u.payload.selection, u.payload.delta)
-            for u in updates
-        ]
-        new_state = self.aggregate_lora(server_round, global_state, uploads)
+        new_state = self.aggregate_lora(server_round, global_state, updates)
         check_global(new_state, self.value_limit())  # before any strategy state changes
         self.update_importance(server_round, updates)
-        counts = component_counts(self.global_rank, self.modules, uploads)
+        counts = component_counts(self.global_rank, self.modules, updates)
         mean_counts = np.mean(np.stack(list(counts.values())), axis=0)
         log.info(
             "round %d: clients per component (mean over modules): %s",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..lora.aggregate import ComponentUpload, aggregate_hetlora, aggregate_padded_values
+from ..lora.aggregate import aggregate_hetlora, aggregate_padded_values
+from ..lora.components import ClientUpdate
 from ..lora.state import LoraState
 from ..lora.view import TRUNCATE
-from .base import ClientUpdate
 from .heterogeneous import HeterogeneousLoRA
 
 
@@ -36,9 +36,9 @@ class HetLoRA(HeterogeneousLoRA):
         return super().aggregate(server_round, self.received_global(global_state), updates)
 
     def aggregate_lora(
-        self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
+        self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
-        return aggregate_hetlora(global_state, uploads)
+        return aggregate_hetlora(global_state, updates)
 
 
 class FedITTruncated(HetLoRA):
@@ -51,6 +51,6 @@ class FedITTruncated(HetLoRA):
     padded_average = True
 
     def aggregate_lora(
-        self, server_round: int, global_state: LoraState, uploads: list[ComponentUpload]
+        self, server_round: int, global_state: LoraState, updates: list[ClientUpdate]
     ) -> LoraState:
-        return aggregate_padded_values(global_state, uploads, "examples")
+        return aggregate_padded_values(global_state, updates, "examples")
