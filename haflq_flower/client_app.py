@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from .config import RunConfig, parse_run_config
+from .config import RunConfig
 from .data import client_partition, device_frame, load_task, tokenize
 from .logs import setup_logging
 from .lora.components import (
@@ -51,6 +51,7 @@ from .quant.blocks import pattern_from_str, pattern_to_str
 from .quant.mixed import base_weight_bytes
 from .quant.payload import decode_downlink
 from .quant.salience import block_salience
+from .strategy import parse_client_config
 from .strategy.ffa import trainable_part
 from .train import TrainResult, evaluate_run_rows, train_local
 from .wire import (
@@ -482,7 +483,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     def config(context: Context) -> RunConfig:
         setup_logging()
-        return parse_run_config({**dict(context.run_config), **(overrides or {})})
+        return parse_client_config({**dict(context.run_config), **(overrides or {})})
 
     @client_app.train(mods=[flower_clipping_mod])
     def train(msg: Message, context: Context) -> Message:

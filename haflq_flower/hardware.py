@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 
+# model.compute-dtype: ``auto`` resolves with :func:`auto_compute_dtype`
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .lora.robust import state_norm
+from .settings import choice, setting
 
 OFF, CENTRAL, LOCAL = "off", "central", "local"
 DP_MODES = (OFF, CENTRAL, LOCAL)
@@ -39,10 +40,10 @@ DP_MODES = (OFF, CENTRAL, LOCAL)
 class DPConfig:
     """``dp.mode``, ``dp.clip`` (C), ``dp.noise-multiplier`` (z) and ``dp.delta``."""
 
-    mode: str = OFF
-    clip: float = 1.0
-    noise_multiplier: float = 1.0
-    delta: float = 1e-5
+    mode: str = setting("dp.mode", OFF, choice(DP_MODES))
+    clip: float = setting("dp.clip", 1.0)
+    noise_multiplier: float = setting("dp.noise-multiplier", 1.0)
+    delta: float = setting("dp.delta", 1e-5)
 
     @property
     def enabled(self) -> bool:

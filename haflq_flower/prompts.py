@@ -54,6 +54,11 @@ PROMPTS: dict[str, Prompt] = {
 }
 
 AUTO = "auto"
+# model.head-init: the classification head starts as the LM head's rows of one word per
+# label ("label-words": the model answers with a label word), a fresh seeded head
+# ("random"), or label words where the model allows them ("auto": tied embeddings and
+# distinct first tokens; model.py decides).
+HEAD_INITS = (AUTO, "random", "label-words")
 
 
 def resolve_template(template: str, dataset: str) -> str:

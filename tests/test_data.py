@@ -3,14 +3,8 @@ import pandas as pd
 import pytest
 
 from haflq_flower.config import parse_run_config
-from haflq_flower.data import (
-    DataLoadError,
-    balanced_test_split,
-    client_partition,
-    equal_sizes,
-    load_task,
-    partition_indices,
-)
+from haflq_flower.data import balanced_test_split, client_partition, load_task
+from haflq_flower.splits import DataLoadError, equal_sizes, partition_indices
 
 
 def test_rotten_tomatoes_split_is_balanced_and_disjoint():

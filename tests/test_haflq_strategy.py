@@ -266,13 +266,59 @@ def test_a_registered_subclass_is_built_from_the_run_config(monkeypatch):
 def test_a_subclass_is_named_by_its_import_path():
     """What every process of a `flwr run` can resolve on its own (no registration)."""
     from haflq_flower import strategy as registry
-    from haflq_flower.config import ConfigError
     from haflq_flower.strategy import load_run_config
 
     path = "tests.round_robin:RoundRobinSelection"
     cfg = load_run_config({"strategy.name": path, "strategy.mode": "truncate"})
     built = registry.build_strategy(cfg)
     assert type(built) is RoundRobinSelection and built.mode == "truncate"
+    assert built.offset == 0
+
+
+def test_a_strategy_declares_its_own_run_config_keys():
+    """``RoundRobinSelection.options``: its key is accepted (and checked) only with that
+    strategy, reaches the strategy and the run config written to results.json, and a
+    ClientApp accepts it too; a key the app already has cannot be redeclared."""
+    from dataclasses import dataclass
+
+    from haflq_flower import strategy as registry
+    from haflq_flower.config import ConfigError, parse_run_config
+    from haflq_flower.settings import setting
+    from haflq_flower.strategy import load_run_config, parse_client_config
+
+    path = "tests.round_robin:RoundRobinSelection"
+    values = {"strategy.name": path, "strategy.mode": "truncate", "round-robin.offset": 3}
+    cfg = load_run_config(values)
+    assert cfg.options.offset == 3 and cfg.raw["round-robin.offset"] == 3
+    assert parse_client_config(values).options.offset == 3
+    built = registry.build_strategy(cfg)
+    assert built.offset == 3
+    _, msgs = _round(built, FakeGrid({1: TIERS[1]}), server_round=1)
+    assert record_to_arrays(msgs[1].content.array_records[SELECTION_KEY])["m.q"].tolist() == [
+        3,
+        4,
+    ]
+    with pytest.raises(ConfigError, match="'round-robin.offset' must be >= 0"):
+        load_run_config({**values, "round-robin.offset": -1})
+    with pytest.raises(ConfigError, match="must be of type int"):
+        load_run_config({**values, "round-robin.offset": "three"})
+    with pytest.raises(ConfigError, match="unknown run config key"):
+        load_run_config({"round-robin.offset": 3})  # not haflq's key
+    with pytest.raises(ConfigError, match="unknown run config key"):
+        parse_client_config({"round-robin.offset": 3})
+
+    @dataclass(frozen=True)
+    class Clashing:
+        rank: int = setting("lora.rank", 4)
+
+    with pytest.raises(ConfigError, match="already a run config key"):
+        parse_run_config({}, Clashing)
+
+
+def test_bad_import_paths_say_what_failed():
+    from haflq_flower.config import ConfigError
+    from haflq_flower.strategy import load_run_config
+
     for bad, why in (
         ("tests.no_such_module:X", "cannot import"),
         ("tests.round_robin:Missing", "is not a LoRAStrategy"),

@@ -5,12 +5,8 @@ import pytest
 import torch
 
 from haflq_flower.lora.components import ClientUpdate
-from haflq_flower.lora.importance import (
-    GlobalImportance,
-    Sensitivity,
-    component_scores,
-    top_components,
-)
+from haflq_flower.lora.importance import GlobalImportance, top_components
+from haflq_flower.lora.sensitivity import Sensitivity, component_scores
 
 
 def test_sensitivity_ema_on_a_known_sequence():

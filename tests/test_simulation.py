@@ -277,9 +277,14 @@ def test_flwr_run_with_a_strategy_named_by_import_path(tmp_path, app_dir):
     """The extension path of docs/extending.md under the real `flwr run`: the ServerApp
     and every ClientApp (other processes) resolve the user's class from the run config."""
     out = tmp_path / "run"
-    config = {**TINY, "strategy.name": "tests.round_robin:RoundRobinSelection"}
+    config = {
+        **TINY,
+        "strategy.name": "tests.round_robin:RoundRobinSelection",
+        "round-robin.offset": 1,  # the strategy's own key: every ClientApp must accept it
+    }
     assert launch_tiny(out, config) == 0
     results = _check_results(out, num_rounds=2, num_clients=2)
     assert results["config"]["strategy.name"] == "tests.round_robin:RoundRobinSelection"
+    assert results["config"]["round-robin.offset"] == 1
     # HAFLQ-style replies (component uploads) from clients of the default tiers
     assert all(c["components_up"] > 0 for r in results["rounds"][1:] for c in r["clients"])

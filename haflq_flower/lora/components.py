@@ -29,6 +29,12 @@ B_SUFFIX = ".lora_B.weight"
 
 Selection = dict[str, np.ndarray]
 
+# How a client holds the components it does not train: ``freeze`` keeps all R (the
+# others frozen), ``truncate`` keeps only its r_k (strategy.mode).
+FREEZE = "freeze"
+TRUNCATE = "truncate"
+MODES = (FREEZE, TRUNCATE)
+
 
 @dataclass
 class ClientUpdate:

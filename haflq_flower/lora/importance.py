@@ -1,18 +1,10 @@
-"""Component importance (AdaLoRA-style smoothed sensitivity) and top-r selection.
+"""Component importance on the server, and top-r selection (pure numpy).
 
-Client side, per LoRA element ``w`` at every local step::
-
-    I = |w * dL/dw|
-    I_bar = beta1 * I_bar + (1 - beta1) * I
-    U_bar = beta2 * U_bar + (1 - beta2) * |I - I_bar|
-    s = I_bar * U_bar
-
-and the score of component ``i`` of a module is ``mean_j s(A[i, j]) + mean_j s(B[j, i])``.
-
-Server side, :class:`GlobalImportance` keeps one score per (module, component): the
-example-weighted mean of what the clients that trained it reported, smoothed across
-rounds; a component nobody trained keeps its score. :func:`top_components` picks each
-client's set. All of it is plain numpy/torch, testable without Flower or a model.
+Clients score each component they train (:mod:`haflq_flower.lora.sensitivity`).
+:class:`GlobalImportance` keeps one score per (module, component): the example-weighted
+mean of what the clients that trained it reported, smoothed across rounds; a component
+nobody trained keeps its score. :func:`top_components` picks each client's set, ties
+broken by ``importance.tie-break`` (:data:`TIE_BREAKS`).
 """
 
 from __future__ import annotations
@@ -21,48 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import torch
 
 from .components import ClientUpdate
 
 TIE_BREAKS = ("index", "seed")
-
-
-@dataclass
-class Sensitivity:
-    """Smoothed sensitivity of one tensor (``I_bar`` and ``U_bar`` element-wise)."""
-
-    beta1: float = 0.85
-    beta2: float = 0.85
-    i_bar: torch.Tensor | None = None
-    u_bar: torch.Tensor | None = None
-
-    def update(self, weight: torch.Tensor, grad: torch.Tensor | None) -> None:
-        """One step: fold ``|w * g|`` into the moving averages (no-op without a gradient)."""
-        if grad is None:
-            return
-        sens = (weight.detach() * grad.detach()).abs().float()
-        if self.i_bar is None:
-            self.i_bar = torch.zeros_like(sens)
-            self.u_bar = torch.zeros_like(sens)
-        self.i_bar.mul_(self.beta1).add_(sens, alpha=1 - self.beta1)
-        self.u_bar.mul_(self.beta2).add_((sens - self.i_bar).abs(), alpha=1 - self.beta2)
-
-    def score(self, shape: torch.Size) -> torch.Tensor:
-        """Element scores ``I_bar * U_bar`` (zeros if never updated)."""
-        if self.i_bar is None:
-            return torch.zeros(shape)
-        return self.i_bar * self.u_bar
-
-
-def component_scores(score_a: torch.Tensor, score_b: torch.Tensor) -> np.ndarray:
-    """Per component ``mean_j s(A[i, j]) + mean_j s(B[j, i])``.
-
-    ``score_a`` is (r, d_in) and ``score_b`` is (d_out, r), components in the same order.
-    """
-    if score_a.shape[0] != score_b.shape[1]:
-        raise ValueError(f"A has {score_a.shape[0]} components, B has {score_b.shape[1]}")
-    return (score_a.mean(dim=1) + score_b.mean(dim=0)).double().cpu().numpy()
 
 
 def top_components(scores: np.ndarray, r: int, tie_order: np.ndarray | None = None) -> np.ndarray:

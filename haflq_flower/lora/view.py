@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .importance import Sensitivity, component_scores
+from .components import FREEZE, MODES, TRUNCATE
+from .sensitivity import Sensitivity, component_scores
 
-FREEZE = "freeze"
-TRUNCATE = "truncate"
-MODES = (FREEZE, TRUNCATE)
+__all__ = ["FREEZE", "MODES", "TRUNCATE", "ComponentView", "component_view", "frozen_a"]
 
 
 class ComponentFactor(nn.Module):

@@ -30,6 +30,11 @@ HEAD_MODULES = ("score", "classifier")
 # Block salience metrics (quant/salience.py implements them; named here so that parsing a
 # run config needs no torch or bitsandbytes)
 SALIENCE_METRICS = ("gradient", "influence", "quantization", "recovery")
+# The base model's precision (model.quantization; bitsandbytes' NF4/FP4/LLM.int8 in
+# model.py and quant/mixed.py) and the block-wise schemes (blocks.precision;
+# strategy/blocks.py), named here for the same reason.
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+BLOCK_PRECISIONS = ("off", "uniform-4", "uniform-8", "uniform-16", "salience", "random", "auto")
 NF4_BLOCKSIZE = 64
 BIAS_BYTES = 4
 _LADDER = ((4, 8), (8, 16))

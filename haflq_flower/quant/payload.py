@@ -32,6 +32,12 @@ import numpy as np
 from ..lora.components import a_key, b_key, other_keys
 
 WIDTHS = (16, 8, 4, 2)
+# How a component upload travels (payload.uplink): the adaptive bit-packed payload of
+# this module, or every trained component's deltas in fp16 / fp32.
+UPLINKS = ("adaptive", "fp16", "fp32")
+# The global adapter on the way down (payload.downlink-bits): 8-bit codes
+# (:func:`encode_downlink`), float16 or float32.
+DOWNLINK_BITS = (8, 16, 32)
 FORMAT_VERSION = 1
 INDEX_BYTES = 8  # (module, component) as two int32
 VECTOR_HEADER_BYTES = 8  # lo and scale as two float32 per vector

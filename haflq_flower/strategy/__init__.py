@@ -6,7 +6,14 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import ConfigError, RunConfig, parse_run_config, resolve_auto_blocks
+from ..config import (
+    ConfigError,
+    RunConfig,
+    StrategyConfig,
+    parse_run_config,
+    resolve_auto_blocks,
+)
+from ..settings import setting_of
 from .base import ClientUpdate, LoRAStrategy, ReplyError, RoundStats
 from .blocks import BlockPlanner
 from .fair import LoRAFAIR
@@ -72,21 +79,40 @@ def strategy_class(name: str) -> type[LoRAStrategy]:
     return cls
 
 
+def resolved_class(values: Mapping[str, Any]) -> type[LoRAStrategy]:
+    """The class ``strategy.name`` in a flat run config names (its form checked first).
+
+    Raises
+    ------
+    ConfigError
+        When the name is malformed, unknown or cannot be imported.
+    """
+    name = setting_of(StrategyConfig, "strategy.name").read(values)
+    try:
+        return strategy_class(name)
+    except ValueError as err:
+        raise ConfigError(f"run config 'strategy.name': {err}") from err
+
+
+def parse_client_config(values: Mapping[str, Any]) -> RunConfig:
+    """What a ClientApp parses: the run config with the strategy's own keys accepted
+    (the client acts on the instructions in each message, not on the strategy)."""
+    return parse_run_config(values, resolved_class(values).options)
+
+
 def load_run_config(values: Mapping[str, Any]) -> RunConfig:
-    """:func:`~haflq_flower.config.parse_run_config`, then what depends on the strategy:
-    its class (a name or an import path), ``blocks.precision="auto"`` resolved, whether
-    it supports ``dp.mode``, and its own :meth:`LoRAStrategy.check_run_config`.
+    """:func:`~haflq_flower.config.parse_run_config` with the strategy's own options
+    (:attr:`LoRAStrategy.options`), then what depends on the strategy: its class (a name
+    or an import path), ``blocks.precision="auto"`` resolved, whether it supports
+    ``dp.mode``, and its own :meth:`LoRAStrategy.check_run_config`.
 
     Raises
     ------
     ConfigError
         With the setting, what is wrong and what to do.
     """
-    cfg = parse_run_config(values)
-    try:
-        cls = strategy_class(cfg.strategy.name)
-    except ValueError as err:
-        raise ConfigError(f"run config 'strategy.name': {err}") from err
+    cls = resolved_class(values)
+    cfg = parse_run_config(values, cls.options)
     cfg = resolve_auto_blocks(cfg, cls.check_run_config)
     if cfg.dp.enabled and not cls.supports_dp:
         raise ConfigError(
@@ -125,5 +151,7 @@ __all__ = [
     "STRATEGIES",
     "build_strategy",
     "load_run_config",
+    "parse_client_config",
+    "resolved_class",
     "strategy_class",
 ]

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -175,6 +175,10 @@ class LoRAStrategy(Strategy):
     # Whether client-level DP applies (docs/privacy.md): the aggregate must be an average
     # of the clients' updates, per coordinate, so that noise on the sums bounds one client.
     supports_dp: bool = True
+    # The strategy's own run-config keys: a frozen dataclass whose fields are declared
+    # with :func:`haflq_flower.settings.setting`; parsed into ``RunConfig.options``
+    # (docs/extending.md). None: the strategy has no keys of its own.
+    options: ClassVar[type | None] = None
 
     def __init__(
         self,

@@ -16,10 +16,10 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from ..config import BLOCK_PRECISIONS as PRECISIONS
 from ..lora.state import array_to_numpy, record_dict_bytes
 from ..profiles import ClientProfile
 from ..quant.blocks import (
+    BLOCK_PRECISIONS,
     BlockLayout,
     BudgetError,
     allocate_block_bits,
@@ -63,8 +63,10 @@ class BlockPlanner:
         calibration_clients: int = 2,
         seed: int = 0,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"block precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision not in BLOCK_PRECISIONS:
+            raise ValueError(
+                f"block precision must be one of {BLOCK_PRECISIONS}, got {precision!r}"
+            )
         self.precision = precision
         self.metric = metric
         self.calibration_rows = calibration_rows

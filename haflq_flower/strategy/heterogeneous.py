@@ -66,6 +66,8 @@ from ..profiles import ClientProfile, ProfileError
 from ..quant.blocks import pattern_to_str
 from ..quant.channel import round_budget_bits, shannon_rate_bps
 from ..quant.payload import (
+    DOWNLINK_BITS,
+    UPLINKS,
     WIDTHS,
     Layout,
     PayloadError,
@@ -101,8 +103,6 @@ from .base import (
 from .blocks import BlockPlanner
 
 log = logging.getLogger(__name__)
-
-UPLINKS = ("adaptive", "fp16", "fp32")
 
 
 @dataclass
@@ -175,8 +175,8 @@ class HeterogeneousLoRA(LoRAStrategy):
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         if uplink not in UPLINKS:
             raise ValueError(f"uplink must be one of {UPLINKS}, got {uplink!r}")
-        if downlink_bits not in (8, 16, 32):
-            raise ValueError(f"downlink_bits must be 8, 16 or 32, got {downlink_bits}")
+        if downlink_bits not in DOWNLINK_BITS:
+            raise ValueError(f"downlink_bits must be one of {DOWNLINK_BITS}, got {downlink_bits}")
         for name, value in (("max_uplink_bps", max_uplink_bps), ("max_memory_mb", max_memory_mb)):
             if not (value >= 0 and np.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
