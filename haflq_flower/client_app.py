@@ -258,38 +258,11 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         )
 
     _merge(model, msg)
-    if not mode:
-        received = from_array_record(msg.content[ARRAYS_KEY])
-        keep_b = bool(node_cfg.get(KEEP_B, False))  # FedSA-LoRA
-        extra_metrics = {}
-        if keep_b:
-            received, own_norm = _with_own_b(context, received, trainable_state(model))
-            extra_metrics[B_START_NORM] = own_norm
-        load_trainable_state(model, received)
-        freeze_a = bool(node_cfg.get(FREEZE_A, False))  # FFA-LoRA
-        with frozen_a(model, freeze_a):
-            result = run()
-        state = trainable_state(model)
-        if keep_b:
-            context.state[PERSONAL_B_KEY] = to_array_record(only_factor(state, B_SUFFIX))
-            context.state[PERSONAL_A_KEY] = to_array_record(only_factor(state, A_SUFFIX))
-            state = without_factor(state, B_SUFFIX)
-        upload = trainable_part(state) if freeze_a else state
-        # clip (and, local DP, noise) the change to what it received; where Flower's DP
-        # wrapper sent its clipping norm, Flower's fixedclipping_mod clips the reply
-        if cfg.dp.enabled and KEY_CLIPPING_NORM not in node_cfg:
-            delta = _privatize(OrderedDict((k, v - received[k]) for k, v in upload.items()), cfg)
-            upload = OrderedDict((k, received[k] + d) for k, d in delta.items())
-        records = {ARRAYS_KEY: to_array_record(upload)}
+    if mode:
+        rng = np.random.default_rng([cfg.seed, server_round, pid])
+        result, records, extra_metrics = _train_components(msg, model, mode, run, cfg, rng)
     else:
-        result, records, extra_metrics = _train_components(
-            msg,
-            model,
-            mode,
-            run,
-            cfg,
-            rng=np.random.default_rng([cfg.seed, server_round, pid]),
-        )
+        result, records, extra_metrics = _train_whole(msg, context, model, run, cfg)
     metrics = _train_metrics(len(frame), result)
     if cfg.dp.enabled:  # neither the data's size nor its loss leaves the device under DP
         metrics[NUM_EXAMPLES] = 1
@@ -300,6 +273,35 @@ def handle_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     metrics[LOAD_S] = _LAST_LOAD_S
     reply = RecordDict({**records, METRICS_KEY: metrics})
     return Message(content=reply, reply_to=msg)
+
+
+def _train_whole(msg: Message, context: Context, model, run, cfg: RunConfig):
+    """FedIT-style local training of the whole adapter (FFA-LoRA: with A frozen;
+    FedSA-LoRA: with this client's own B); returns the training result, the reply
+    records and extra metrics."""
+    node_cfg = msg.content[CONFIG_KEY]
+    received = from_array_record(msg.content[ARRAYS_KEY])
+    keep_b = bool(node_cfg.get(KEEP_B, False))  # FedSA-LoRA
+    extra_metrics = {}
+    if keep_b:
+        received, own_norm = _with_own_b(context, received, trainable_state(model))
+        extra_metrics[B_START_NORM] = own_norm
+    load_trainable_state(model, received)
+    freeze_a = bool(node_cfg.get(FREEZE_A, False))  # FFA-LoRA
+    with frozen_a(model, freeze_a):
+        result = run()
+    state = trainable_state(model)
+    if keep_b:
+        context.state[PERSONAL_B_KEY] = to_array_record(only_factor(state, B_SUFFIX))
+        context.state[PERSONAL_A_KEY] = to_array_record(only_factor(state, A_SUFFIX))
+        state = without_factor(state, B_SUFFIX)
+    upload = trainable_part(state) if freeze_a else state
+    # clip (and, local DP, noise) the change to what it received; where Flower's DP
+    # wrapper sent its clipping norm, Flower's fixedclipping_mod clips the reply
+    if cfg.dp.enabled and KEY_CLIPPING_NORM not in node_cfg:
+        delta = _privatize(OrderedDict((k, v - received[k]) for k, v in upload.items()), cfg)
+        upload = OrderedDict((k, received[k] + d) for k, d in delta.items())
+    return result, {ARRAYS_KEY: to_array_record(upload)}, extra_metrics
 
 
 def _privatize(delta: LoraState, cfg: RunConfig) -> LoraState:

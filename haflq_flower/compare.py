@@ -347,92 +347,16 @@ def summarize(
     with ``claims = (arm, baseline)``, also the paper's claims side by side. Runs that
     wrote predictions get paired decisions against ``reference`` (default: ``haflq``
     when run, else the first arm) and the bounds check."""
-    rows: dict[str, list[dict]] = {}
-    for arm in arms:
-        for seed in seeds:
-            path = out_dir / f"{arm}-seed{seed}" / "results.json"
-            if _complete(path):
-                rows.setdefault(arm, []).append(summarize_run(json.loads(path.read_text()), target))
-    seen = {t for runs in rows.values() for r in runs for t in r["tiers"]}
-    order = [p.tier for p in parse_run_config(dict(common_config or {})).strategy.tiers.profiles]
-    tier_names = [t for t in order if t in seen] + sorted(seen - set(order))
-    runs_all = [r for runs in rows.values() for r in runs]
-    with_blocks = any(t.get("weight_bytes") for r in runs_all for t in r["tiers"].values())
-    block_head = (
-        [f"weights {t} (MiB)" for t in tier_names]
-        + [f"acc. on {t} base" for t in tier_names]
-        + [f"s/step {t}" for t in tier_names]
-        if with_blocks
-        else []
+    rows = _finished_runs(out_dir, arms, seeds, target)
+    tier_names = _tier_names(rows, common_config)
+    with_blocks = any(
+        t.get("weight_bytes") for runs in rows.values() for r in runs for t in r["tiers"].values()
     )
-    head = [
-        "arm",
-        "seeds",
-        "final acc",
-        "best acc",
-        f"rounds to {target}" if target else "rounds to target",
-        "MB up to target",
-        "MB up",
-        "MB down",
-        *[f"peak RSS {t} (MB)" for t in tier_names],
-        *[f"optim. state {t} (KB)" for t in tier_names],
-        *block_head,
-        "aggregation residual",
-        "wall (s)",
-        "strategy share",
-    ]
+    head = _table_head(target, tier_names, with_blocks)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     table: dict[str, dict] = {}
     for arm, runs in rows.items():
-        n = len(runs)
-        final = _mean_spread([r["final_accuracy"] for r in runs])
-        best = _mean_spread([r["best_accuracy"] for r in runs])
-        to_round = _mean_spread([r["rounds_to_target"] for r in runs])
-        to_bytes = _mean_spread([r["bytes_up_to_target"] for r in runs])
-        up = _mean_spread([r["bytes_up"] for r in runs])[0]
-        down = _mean_spread([r["bytes_down"] for r in runs])[0]
-        wall = _mean_spread([r["wall_s"] for r in runs])[0]
-        share = _mean_spread([r["strategy_share"] for r in runs])[0]
-        residual = _mean_spread([r.get("aggregation_residual") for r in runs])[0]
-        mem = {
-            t: max(r["tiers"].get(t, {}).get("peak_mem_bytes", 0) for r in runs) for t in tier_names
-        }
-        opt = {t: max(r["tiers"].get(t, {}).get("opt_bytes", 0) for r in runs) for t in tier_names}
-        block_cells = []
-        if with_blocks:
-            weights = {
-                t: max(r["tiers"].get(t, {}).get("weight_bytes", 0) for r in runs)
-                for t in tier_names
-            }
-            tier_acc = {
-                t: _mean_spread([r["accuracy_by_tier"].get(t) for r in runs]) for t in tier_names
-            }
-            step = {
-                t: _mean_spread([r["tiers"].get(t, {}).get("step_s") for r in runs])[0]
-                for t in tier_names
-            }
-            block_cells = [
-                *[f"{weights[t] / 2**20:.1f}" for t in tier_names],
-                *[_fmt_acc(*tier_acc[t], n) for t in tier_names],
-                *["-" if step[t] is None else f"{step[t]:.2f}" for t in tier_names],
-            ]
-        table[arm] = {"runs": runs, "final": final, "best": best, "seeds": n}
-        cells = [
-            arm,
-            str(n),
-            _fmt_acc(*final, n),
-            _fmt_acc(*best, n),
-            "-" if to_round[0] is None else f"{to_round[0]:.1f}",
-            _mb(to_bytes[0]),
-            _mb(up),
-            _mb(down),
-            *[f"{mem[t] / 1e6:.0f}" for t in tier_names],
-            *[f"{opt[t] / 1e3:.0f}" for t in tier_names],
-            *block_cells,
-            "-" if residual is None else f"{residual:.4f}",
-            "-" if wall is None else f"{wall:.0f}",
-            "-" if share is None else f"{100 * share:.2f}%",
-        ]
+        cells, table[arm] = _arm_row(arm, runs, tier_names, with_blocks)
         lines.append("| " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + "\n\n" + rounds_markdown(rows)
     correct = load_correct(out_dir, arms, seeds)
@@ -456,6 +380,104 @@ def summarize(
     (out_dir / "summary.json").write_text(json.dumps(table, indent=2))
     plot_comparison(rows, out_dir, tier_names)
     return markdown
+
+
+def _finished_runs(
+    out_dir: Path, arms: Sequence[str], seeds: Sequence[int], target: float | None
+) -> dict[str, list[dict]]:
+    """Per arm, the summary of every finished seed's run (unfinished runs are left out)."""
+    rows: dict[str, list[dict]] = {}
+    for arm in arms:
+        for seed in seeds:
+            path = out_dir / f"{arm}-seed{seed}" / "results.json"
+            if _complete(path):
+                rows.setdefault(arm, []).append(summarize_run(json.loads(path.read_text()), target))
+    return rows
+
+
+def _tier_names(rows: dict[str, list[dict]], common_config: Mapping[str, Any] | None) -> list[str]:
+    """The tiers the runs met: in the run config's order, then any others by name."""
+    seen = {t for runs in rows.values() for r in runs for t in r["tiers"]}
+    order = [p.tier for p in parse_run_config(dict(common_config or {})).strategy.tiers.profiles]
+    return [t for t in order if t in seen] + sorted(seen - set(order))
+
+
+def _table_head(target: float | None, tier_names: list[str], with_blocks: bool) -> list[str]:
+    block_head = (
+        [f"weights {t} (MiB)" for t in tier_names]
+        + [f"acc. on {t} base" for t in tier_names]
+        + [f"s/step {t}" for t in tier_names]
+        if with_blocks
+        else []
+    )
+    return [
+        "arm",
+        "seeds",
+        "final acc",
+        "best acc",
+        f"rounds to {target}" if target else "rounds to target",
+        "MB up to target",
+        "MB up",
+        "MB down",
+        *[f"peak RSS {t} (MB)" for t in tier_names],
+        *[f"optim. state {t} (KB)" for t in tier_names],
+        *block_head,
+        "aggregation residual",
+        "wall (s)",
+        "strategy share",
+    ]
+
+
+def _tier_max(runs: list[dict], tier: str, key: str) -> float:
+    return max(r["tiers"].get(tier, {}).get(key, 0) for r in runs)
+
+
+def _arm_row(
+    arm: str, runs: list[dict], tier_names: list[str], with_blocks: bool
+) -> tuple[list[str], dict]:
+    """One arm's table cells (means over seeds; memory as the largest seen) and its
+    summary.json entry."""
+    n = len(runs)
+    final = _mean_spread([r["final_accuracy"] for r in runs])
+    best = _mean_spread([r["best_accuracy"] for r in runs])
+    to_round = _mean_spread([r["rounds_to_target"] for r in runs])
+    to_bytes = _mean_spread([r["bytes_up_to_target"] for r in runs])
+    up = _mean_spread([r["bytes_up"] for r in runs])[0]
+    down = _mean_spread([r["bytes_down"] for r in runs])[0]
+    wall = _mean_spread([r["wall_s"] for r in runs])[0]
+    share = _mean_spread([r["strategy_share"] for r in runs])[0]
+    residual = _mean_spread([r.get("aggregation_residual") for r in runs])[0]
+    block_cells = []
+    if with_blocks:
+        tier_acc = {
+            t: _mean_spread([r["accuracy_by_tier"].get(t) for r in runs]) for t in tier_names
+        }
+        step = {
+            t: _mean_spread([r["tiers"].get(t, {}).get("step_s") for r in runs])[0]
+            for t in tier_names
+        }
+        block_cells = [
+            *[f"{_tier_max(runs, t, 'weight_bytes') / 2**20:.1f}" for t in tier_names],
+            *[_fmt_acc(*tier_acc[t], n) for t in tier_names],
+            *["-" if step[t] is None else f"{step[t]:.2f}" for t in tier_names],
+        ]
+    cells = [
+        arm,
+        str(n),
+        _fmt_acc(*final, n),
+        _fmt_acc(*best, n),
+        "-" if to_round[0] is None else f"{to_round[0]:.1f}",
+        _mb(to_bytes[0]),
+        _mb(up),
+        _mb(down),
+        *[f"{_tier_max(runs, t, 'peak_mem_bytes') / 1e6:.0f}" for t in tier_names],
+        *[f"{_tier_max(runs, t, 'opt_bytes') / 1e3:.0f}" for t in tier_names],
+        *block_cells,
+        "-" if residual is None else f"{residual:.4f}",
+        "-" if wall is None else f"{wall:.0f}",
+        "-" if share is None else f"{100 * share:.2f}%",
+    ]
+    return cells, {"runs": runs, "final": final, "best": best, "seeds": n}
 
 
 BOUNDS = ("bound-high", "bound-low")

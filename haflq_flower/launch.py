@@ -382,7 +382,7 @@ def _raise_exit(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--app", default=".", help="Flower app directory (default: .)")
     parser.add_argument(
@@ -419,64 +419,47 @@ def main(argv: list[str] | None = None) -> int:
         "variable RAY_ADDRESS does the same",
     )
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds for the run")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _checked_inputs(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The run directory and the ``--run-config`` list the apps will see, after the
+    start-up checks (:func:`preflight`).
+
+    Raises
+    ------
+    LaunchError
+        With what is wrong and what to change.
+    """
     app_dir = Path(args.app).resolve()
     if not (app_dir / "pyproject.toml").exists():
-        print(f"error: {app_dir} is not a Flower app (no pyproject.toml)", file=sys.stderr)
-        return 2
+        raise LaunchError(f"{app_dir} is not a Flower app (no pyproject.toml)")
     if args.num_supernodes < 1:
-        print("error: --num-supernodes must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        given = given_run_config(args.run_config)
-        output_dir = resolve_output_dir(
-            given, args.output_dir, Path("outputs") / time.strftime("run-%Y%m%d-%H%M%S")
-        )
-        if not str(given.get("resume") or "").strip():
-            given["output.dir"] = str(output_dir)
-        preflight(given, args.num_supernodes)
-    except LaunchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise LaunchError("--num-supernodes must be >= 1")
+    given = given_run_config(args.run_config)
+    output_dir = resolve_output_dir(
+        given, args.output_dir, Path("outputs") / time.strftime("run-%Y%m%d-%H%M%S")
+    )
+    if not str(given.get("resume") or "").strip():
+        given["output.dir"] = str(output_dir)
+    preflight(given, args.num_supernodes)
     run_config = list(args.run_config)
     if "output.dir" in given:  # last, so it is what the apps see
         run_config.append(f"output.dir={json.dumps(str(output_dir))}")
-    gpus = args.client_gpus
-    if gpus is None:
-        import torch
+    return output_dir, run_config
 
-        gpus = 0.5 if torch.cuda.is_available() else 0.0
 
-    if args.ray_address:
-        # Flower's Ray backend calls ray.init() without an address in the simulation
-        # process the SuperLink starts; Ray then joins the cluster RAY_ADDRESS names
-        os.environ["RAY_ADDRESS"] = args.ray_address
-    if os.environ.get("RAY_ADDRESS"):
-        print(f"Simulation on the Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
+def _client_gpus(share: float | None) -> float:
+    """``--client-gpus``, or 0.5 of a GPU per client when CUDA is present, else 0."""
+    if share is not None:
+        return share
+    import torch
 
-    # `kill <launcher>` (SIGTERM) unwinds like Ctrl-C: the SuperLink and everything it
-    # started are stopped by the finally blocks below
-    previous = signal.signal(signal.SIGTERM, _raise_exit)
-    print(f"Results will be in {output_dir}", flush=True)
-    own_home = args.flwr_home is None
-    flwr_home = Path(args.flwr_home or tempfile.mkdtemp(prefix="haflq-flwr-home-")).resolve()
-    start = time.perf_counter()
-    try:
-        run_id, status = run_app(
-            app_dir,
-            flwr_home,
-            args.num_supernodes,
-            run_config,
-            args.client_cpus,
-            gpus,
-            args.timeout,
-        )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if own_home:
-            shutil.rmtree(flwr_home, ignore_errors=True)
-    elapsed = time.perf_counter() - start
+    return 0.5 if torch.cuda.is_available() else 0.0
+
+
+def _print_outcome(run_id: Any, status: str, output_dir: Path, elapsed: float) -> int:
+    """The report, then the verdict; returns the exit code (:func:`exit_code`)."""
     final = read_final(output_dir)
     code, verdict = exit_code(status, final)
     report = output_dir / "report.md"
@@ -494,6 +477,45 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"Results: {output_dir}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        output_dir, run_config = _checked_inputs(args)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    gpus = _client_gpus(args.client_gpus)
+    if args.ray_address:
+        # Flower's Ray backend calls ray.init() without an address in the simulation
+        # process the SuperLink starts; Ray then joins the cluster RAY_ADDRESS names
+        os.environ["RAY_ADDRESS"] = args.ray_address
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"Simulation on the Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
+
+    # `kill <launcher>` (SIGTERM) unwinds like Ctrl-C: the SuperLink and everything it
+    # started are stopped by the finally blocks below
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    print(f"Results will be in {output_dir}", flush=True)
+    own_home = args.flwr_home is None
+    flwr_home = Path(args.flwr_home or tempfile.mkdtemp(prefix="haflq-flwr-home-")).resolve()
+    start = time.perf_counter()
+    try:
+        run_id, status = run_app(
+            Path(args.app).resolve(),
+            flwr_home,
+            args.num_supernodes,
+            run_config,
+            args.client_cpus,
+            gpus,
+            args.timeout,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if own_home:
+            shutil.rmtree(flwr_home, ignore_errors=True)
+    return _print_outcome(run_id, status, output_dir, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

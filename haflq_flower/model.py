@@ -252,8 +252,8 @@ def own_memory(model: torch.nn.Module) -> None:
     transformers memory-maps safetensors, so a tensor loaded in the file's dtype is a view
     of the file. One such tensor kept (the embeddings, a norm) keeps the whole mapping
     alive, and every page read while quantizing stays resident and counted in the
-    process's RSS: measured +200 MB for the all-4-bit SmolLM2-135M base, more than its
-    4-bit blocks weigh. Copying the kept tensors lets the mapping go. bitsandbytes'
+    process's RSS, more than the 4-bit blocks weigh (measured in docs/benchmarks.md).
+    Copying the kept tensors lets the mapping go. bitsandbytes'
     quantized parameters already own their memory.
     """
     import bitsandbytes as bnb
@@ -312,8 +312,8 @@ def load_base_model(
 
     ``cache_quantized``: keep the 4-bit model (its packed weights and quantization
     statistics, and the head as first initialized) in ``model.cache-dir/quantized`` and
-    load it from there next time, which skips quantizing (3.6 s -> 0.5 s for
-    SmolLM2-135M on our 2-core CPU; 17 s while another job shared the cores). Only for
+    load it from there next time, which skips quantizing (timed in docs/benchmarks.md,
+    "Deployment: cost per message"). Only for
     callers that overwrite the head and LoRA state afterwards, i.e. clients: the head and
     the following LoRA init would not see the same RNG.
     """

@@ -17,7 +17,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, RunConfig
-from .data import load_task
+from .data import TaskData, load_task
 from .logs import setup_logging
 from .lora.merge import merge_stacks, save_expanded_adapter
 from .lora.state import (
@@ -45,6 +45,47 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
     log.info("Run config: %s", cfg.to_dict())
     log.info("Outputs go to %s", cfg.output_dir)
     device = select_device()
+    task = _load_task(cfg)
+    strategy = build_strategy(cfg)
+    model, tokenizer, server_bits = _server_model(cfg, strategy, task, device)
+    initial_state, first_round, recorder = _start_or_resume(cfg, strategy, trainable_state(model))
+    after_round = RoundEnd(grid, cfg, strategy, model, tokenizer, task, device, recorder)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=to_array_record(initial_state),
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.strategy.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_fn=after_round,
+        first_round=first_round,
+        evaluate_initial=cfg.resume is None,
+    )
+    final_state = from_array_record(result.arrays)
+    adapter_dir = _save_adapter(cfg, strategy, model, tokenizer, final_state)
+    # what report.md needs to print the two lines that load the adapter
+    extra = {"base_model": _base_model_path(model), "num_labels": task.num_labels}
+    if cfg.dp.enabled:
+        extra["dp"] = _privacy_spent(cfg, strategy)
+    if server_bits is not None:
+        extra["accuracy_by_tier"] = _accuracy_by_tier(cfg, strategy, final_state, device, task)
+    final = recorder.finish(str(adapter_dir), **extra)
+    if cfg.plots:
+        plot_results(recorder.data, cfg.output_dir)
+    report = write_report(recorder.data, cfg.output_dir)
+    log.info(
+        "Finished: accuracy %.4f after %d rounds in %.1f s. Results: %s (report: %s)",
+        final["accuracy"],
+        cfg.num_rounds,
+        final["wall_s"],
+        cfg.output_dir,
+        report.name,
+    )
+    if final["status"] != STATUS_COMPLETED:
+        log.error("The run applied no update: %s", final["status_reason"])
+    return final
+
+
+def _load_task(cfg: RunConfig) -> TaskData:
     task = load_task(cfg.data)
     log.info(
         "Data '%s': %d training rows, %d held-out test rows, %d validation rows, %d labels; "
@@ -56,10 +97,13 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         task.num_labels,
         cfg.train.eval_split,
     )
-    eval_rows = task.split(cfg.train.eval_split)
-    strategy = build_strategy(cfg)
-    # Block-wise precision: the server evaluates on the 16-bit base (the same for every
-    # arm) and, at the end, on each tier's own pattern.
+    return task
+
+
+def _server_model(cfg: RunConfig, strategy, task: TaskData, device):
+    """The server's model with LoRA (for evaluation and for saving the adapter) and, with
+    block-wise precision, the block bits it evaluates with: the 16-bit base, the same
+    for every arm (each tier's own pattern is evaluated at the end)."""
     server_bits = None
     if cfg.strategy.blocks.enabled:
         server_bits = (16,) * count_blocks(cfg.model, task.num_labels)
@@ -82,53 +126,53 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
                 for b in (4, 8, 16)
             ),
         )
-    initial_state = trainable_state(model)
-    first_round = 1
-    if cfg.resume is not None:
-        ckpt = _resume(cfg, initial_state)
-        strategy.load_state_dict(ckpt.strategy_meta, ckpt.strategy_arrays)
-        strategy.restore_privacy(ckpt.results["rounds"])
-        initial_state = ckpt.global_state
-        first_round = ckpt.round + 1
-        restore_rng(ckpt.rng, ckpt.rng["torch"])
-        recorder = RunRecorder(
-            cfg.output_dir, cfg.to_dict(), cfg.num_rounds, ckpt.results, ckpt.elapsed_s
-        )
-    else:
-        recorder = RunRecorder(cfg.output_dir, cfg.to_dict(), cfg.num_rounds)
+    return model, tokenizer, server_bits
 
-    predictions = None
-    if cfg.train.eval_predictions:
-        predictions = load_or_new_predictions(
-            cfg.output_dir, eval_rows["label"].to_numpy(), cfg.train.eval_split
-        )
 
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Evaluate the global adapter, record the round, then checkpoint it."""
+def _start_or_resume(cfg: RunConfig, strategy, initial_state: dict):
+    """The global state and round to start from, and the results recorder: fresh, or
+    restored from the checkpoint of ``cfg.resume`` (strategy state, privacy spent,
+    random generators and results so far)."""
+    if cfg.resume is None:
+        return initial_state, 1, RunRecorder(cfg.output_dir, cfg.to_dict(), cfg.num_rounds)
+    ckpt = _resume(cfg, initial_state)
+    strategy.load_state_dict(ckpt.strategy_meta, ckpt.strategy_arrays)
+    strategy.restore_privacy(ckpt.results["rounds"])
+    restore_rng(ckpt.rng, ckpt.rng["torch"])
+    recorder = RunRecorder(
+        cfg.output_dir, cfg.to_dict(), cfg.num_rounds, ckpt.results, ckpt.elapsed_s
+    )
+    return ckpt.global_state, ckpt.round + 1, recorder
+
+
+class RoundEnd:
+    """Flower's ``evaluate_fn``: after every round, evaluate the global adapter (when
+    ``eval.every`` says so), record the round in results.json and checkpoint it."""
+
+    def __init__(self, grid, cfg, strategy, model, tokenizer, task, device, recorder) -> None:
+        self.grid, self.cfg, self.strategy = grid, cfg, strategy
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.num_labels = task.num_labels
+        self.rows = task.split(cfg.train.eval_split)
+        self.recorder = recorder
+        self.predictions = None
+        if cfg.train.eval_predictions:
+            self.predictions = load_or_new_predictions(
+                cfg.output_dir, self.rows["label"].to_numpy(), cfg.train.eval_split
+            )
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        cfg, strategy = self.cfg, self.strategy
         state = from_array_record(arrays)
         loss = accuracy = None
         if cfg.train.evaluates_after(server_round, cfg.num_rounds):
-            # methods without one global model evaluate each client's own (FedSA-LoRA)
-            result = strategy.evaluate_on_clients(
-                grid,
-                server_round,
-                arrays,
-                eval_rows["label"].to_numpy(),
-                task.num_labels,
-                cfg.strategy.round_timeout,
-            )
-            if result is None:
-                merge_stacks(model, strategy.base_merge())
-                load_trainable_state(model, state)
-                result = evaluate_run_rows(
-                    cfg, model, tokenizer, eval_rows, device, f"server eval round {server_round}"
-                )
+            result = self._evaluate(server_round, arrays, state)
             loss, accuracy = result.loss, result.accuracy
-            if predictions is not None and result.predictions is not None:
-                predictions.add(server_round, result.predictions)
-                save_predictions(cfg.output_dir, predictions)
+            if self.predictions is not None and result.predictions is not None:
+                self.predictions.add(server_round, result.predictions)
+                save_predictions(cfg.output_dir, self.predictions)
         stats = strategy.stats.get(server_round)
-        recorder.record_round(server_round, accuracy, loss, stats.to_dict() if stats else None)
+        self.recorder.record_round(server_round, accuracy, loss, stats.to_dict() if stats else None)
         if cfg.checkpoint:
             save_checkpoint(
                 cfg.output_dir,
@@ -136,25 +180,39 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
                 cfg.to_dict(),
                 state,
                 strategy.state_dict(),
-                recorder.data,
-                recorder.elapsed_s,
+                self.recorder.data,
+                self.recorder.elapsed_s,
             )
         if accuracy is None:
             return None
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_array_record(initial_state),
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.strategy.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_fn=after_round,
-        first_round=first_round,
-        evaluate_initial=cfg.resume is None,
-    )
+    def _evaluate(self, server_round: int, arrays: ArrayRecord, state: dict):
+        # methods without one global model evaluate each client's own (FedSA-LoRA)
+        result = self.strategy.evaluate_on_clients(
+            self.grid,
+            server_round,
+            arrays,
+            self.rows["label"].to_numpy(),
+            self.num_labels,
+            self.cfg.strategy.round_timeout,
+        )
+        if result is not None:
+            return result
+        merge_stacks(self.model, self.strategy.base_merge())
+        load_trainable_state(self.model, state)
+        return evaluate_run_rows(
+            self.cfg,
+            self.model,
+            self.tokenizer,
+            self.rows,
+            self.device,
+            f"server eval round {server_round}",
+        )
 
-    final_state = from_array_record(result.arrays)
+
+def _save_adapter(cfg: RunConfig, strategy, model, tokenizer, final_state: dict):
+    """The final adapter with PEFT's ``save_pretrained`` (and the tokenizer)."""
     load_trainable_state(model, final_state)
     adapter_dir = cfg.output_dir / "adapter"
     merge = strategy.base_merge()
@@ -164,41 +222,27 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict:
         rank = save_expanded_adapter(model, final_state, merge, adapter_dir)
         log.info("Saved the merged stacks and the adapter as one rank-%d adapter", rank)
     tokenizer.save_pretrained(adapter_dir)
-    # what report.md needs to print the two lines that load the adapter
-    extra = {"base_model": _base_model_path(model), "num_labels": task.num_labels}
-    if cfg.dp.enabled:
-        extra["dp"] = {
-            "mode": cfg.dp.mode,
-            "clip": cfg.dp.clip,
-            "noise_multiplier": cfg.dp.noise_multiplier,
-            "delta": cfg.dp.delta,
-            "rounds": len(strategy.accountant.rates),
-            "epsilon": strategy.accountant.epsilon(),
-        }
-        log.info(
-            "Differential privacy (%s): epsilon %.3f at delta %.1e over %d round(s)",
-            cfg.dp.mode,
-            extra["dp"]["epsilon"],
-            cfg.dp.delta,
-            extra["dp"]["rounds"],
-        )
-    if server_bits is not None:
-        extra["accuracy_by_tier"] = _accuracy_by_tier(cfg, strategy, final_state, device, task)
-    final = recorder.finish(str(adapter_dir), **extra)
-    if cfg.plots:
-        plot_results(recorder.data, cfg.output_dir)
-    report = write_report(recorder.data, cfg.output_dir)
+    return adapter_dir
+
+
+def _privacy_spent(cfg: RunConfig, strategy) -> dict[str, Any]:
+    """``final.dp`` of results.json: the mechanism and the epsilon of the whole run."""
+    spent = {
+        "mode": cfg.dp.mode,
+        "clip": cfg.dp.clip,
+        "noise_multiplier": cfg.dp.noise_multiplier,
+        "delta": cfg.dp.delta,
+        "rounds": len(strategy.accountant.rates),
+        "epsilon": strategy.accountant.epsilon(),
+    }
     log.info(
-        "Finished: accuracy %.4f after %d rounds in %.1f s. Results: %s (report: %s)",
-        final["accuracy"],
-        cfg.num_rounds,
-        final["wall_s"],
-        cfg.output_dir,
-        report.name,
+        "Differential privacy (%s): epsilon %.3f at delta %.1e over %d round(s)",
+        cfg.dp.mode,
+        spent["epsilon"],
+        cfg.dp.delta,
+        spent["rounds"],
     )
-    if final["status"] != STATUS_COMPLETED:
-        log.error("The run applied no update: %s", final["status_reason"])
-    return final
+    return spent
 
 
 def _base_model_path(model) -> str | None:
