@@ -723,22 +723,57 @@ class LoRAStrategy(Strategy):
         first_round: int = 1,
         evaluate_initial: bool | None = None,
     ) -> Result:
-        """Flower's round loop (train, federated evaluation, centralized evaluation),
-        starting at ``first_round``: a resumed run starts after its checkpoint's round
-        and skips the round-0 evaluation it already has (``evaluate_initial``, default:
-        only when ``first_round`` is 1; a run resumed after round 0 passes False)."""
-        log.info("Starting %s, rounds %d to %d", type(self).__name__, first_round, num_rounds)
-        self.summary()
-        train_config = train_config or ConfigRecord()
-        evaluate_config = evaluate_config or ConfigRecord()
-        result = Result(arrays=initial_arrays)
+        """Flower's :meth:`Strategy.start` (its loop and its log lines) for a fresh run.
+
+        The one addition is a resumed run's start: ``first_round`` > 1 continues after
+        the checkpoint's round, and ``evaluate_initial=False`` skips the round-0
+        evaluation it already has (default: evaluate only when ``first_round`` is 1).
+        That continuation runs :meth:`continue_rounds`, the same loop from
+        ``first_round`` on.
+        """
         if evaluate_initial is None:
             evaluate_initial = first_round == 1
-        if evaluate_fn and evaluate_initial:
-            res = evaluate_fn(0, initial_arrays)
-            if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
-        arrays = initial_arrays
+        if first_round == 1 and evaluate_initial:
+            result = super().start(
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                evaluate_fn,
+            )
+            if len(result.arrays) == 0:  # Flower's Result starts empty: no round applied
+                result.arrays = initial_arrays
+            return result
+        return self.continue_rounds(
+            grid,
+            initial_arrays,
+            first_round,
+            num_rounds,
+            timeout,
+            train_config or ConfigRecord(),
+            evaluate_config or ConfigRecord(),
+            evaluate_fn,
+        )
+
+    def continue_rounds(
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        first_round: int,
+        num_rounds: int,
+        timeout: float,
+        train_config: ConfigRecord,
+        evaluate_config: ConfigRecord,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+    ) -> Result:
+        """Rounds ``first_round`` to ``num_rounds`` of a resumed run, in the order and
+        with the log lines of Flower's loop (train, federated evaluation, centralized
+        evaluation)."""
+        log.info("Resuming %s: rounds %d to %d", type(self).__name__, first_round, num_rounds)
+        self.summary()
+        result = Result(arrays=arrays)
         for current_round in range(first_round, num_rounds + 1):
             log.info("[ROUND %d/%d]", current_round, num_rounds)
             replies = grid.send_and_receive(
@@ -749,6 +784,7 @@ class LoRAStrategy(Strategy):
             if new_arrays is not None:
                 result.arrays = arrays = new_arrays
             if train_metrics is not None:
+                log.info("\t└──> Aggregated MetricRecord: %s", train_metrics)
                 result.train_metrics_clientapp[current_round] = train_metrics
             replies = grid.send_and_receive(
                 messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid),
@@ -756,9 +792,12 @@ class LoRAStrategy(Strategy):
             )
             eval_metrics = self.aggregate_evaluate(current_round, replies)
             if eval_metrics is not None:
+                log.info("\t└──> Aggregated MetricRecord: %s", eval_metrics)
                 result.evaluate_metrics_clientapp[current_round] = eval_metrics
             if evaluate_fn:
+                log.info("Global evaluation")
                 res = evaluate_fn(current_round, arrays)
+                log.info("\t└──> MetricRecord: %s", res)
                 if res is not None:
                     result.evaluate_metrics_serverapp[current_round] = res
         return result
