@@ -25,20 +25,17 @@ from .lora.components import (
     A_SUFFIX,
     B_SUFFIX,
     LoraState,
-    check_selection,
     component_delta,
     gather,
     lora_modules,
-    module_rank,
     only_factor,
-    scatter,
     without_factor,
 )
 from .lora.merge import merge_stacks
 from .lora.residual import personal_residual_terms
 from .lora.robust import state_norm
 from .lora.state import from_array_record, load_trainable_state, to_array_record, trainable_state
-from .lora.view import FREEZE, MODES, component_view, frozen_a
+from .lora.view import MODES, component_view, frozen_a
 from .model import (
     load_calibration_model,
     load_lora_model,
@@ -49,7 +46,6 @@ from .privacy import LOCAL, add_noise, clip_update
 from .profiles import resolve_profile
 from .quant.blocks import pattern_from_str, pattern_to_str
 from .quant.mixed import base_weight_bytes
-from .quant.payload import decode_downlink
 from .quant.salience import block_salience
 from .strategy import parse_client_config
 from .strategy.ffa import trainable_part
@@ -58,7 +54,6 @@ from .wire import (
     ARRAYS_KEY,
     B_START_NORM,
     CONFIG_KEY,
-    DOWN_KEY,
     EXAMPLES_SEEN,
     FREEZE_A,
     KEEP_B,
@@ -79,12 +74,12 @@ from .wire import (
     RESIDUAL_DEN,
     RESIDUAL_NUM,
     SALIENCE_KEY,
-    SELECTION_KEY,
     STEPS,
     TRAIN_LOSS,
     TRAIN_S,
     TRAINABLE_PARAMS,
     WEIGHT_BYTES,
+    decode_download,
     encode_upload,
     record_to_arrays,
 )
@@ -348,20 +343,7 @@ def _train_components(msg, model, mode: str, run, cfg: RunConfig, rng):
     truncate); returns the training result, the reply records and extra metrics."""
     current = trainable_state(model)
     modules = lora_modules(current)
-    selection = check_selection(
-        record_to_arrays(msg.content.array_records[SELECTION_KEY]),
-        modules,
-        module_rank(current, modules[0]),
-    )
-    if DOWN_KEY in msg.content.array_records:  # 8-bit downlink
-        sent, sub = decode_downlink(
-            record_to_arrays(msg.content.array_records[DOWN_KEY]), current, modules
-        )
-        full = scatter(current, sub, sent)
-    else:
-        # freeze: the whole rank-R adapter arrives; truncate: only the selected components.
-        received = from_array_record(msg.content.array_records[ARRAYS_KEY])
-        full = received if mode == FREEZE else scatter(current, received, selection)
+    selection, full = decode_download(msg.content, current, mode)
     load_trainable_state(model, full)
     before = gather(full, selection)
     imp = cfg.strategy.importance

@@ -50,33 +50,15 @@ from ..wire import (
     TRAIN_S,
     TRAINABLE_PARAMS,
     WEIGHT_BYTES,
+    ReplyError,
+    check_record_bytes,
+    state_record_limit,
 )
 
 log = logging.getLogger(__name__)
 
 # Client statuses in results.json (``sent`` until the round's replies are in).
 STATUS_OK, STATUS_REJECTED, STATUS_ERROR, STATUS_NO_REPLY = "ok", "rejected", "error", "no reply"
-
-
-class ReplyError(ValueError):
-    """A client's reply cannot be used; the message says why."""
-
-
-def check_record_bytes(record: ArrayRecord, limit: int, name: str) -> None:
-    """Raise :class:`ReplyError` if ``record`` holds more than ``limit`` bytes (its
-    serialized size as Flower counts it), before anything in it is parsed or copied."""
-    size = record.count_bytes()
-    if size > limit:
-        raise ReplyError(
-            f"the '{name}' record holds {size} bytes, more than the {limit} the assigned "
-            "work can need"
-        )
-
-
-def state_record_limit(state: LoraState, itemsize: int = 8) -> int:
-    """The largest honest serialized size of ``state`` sent back with ``itemsize``-byte
-    values (float64 at most): values, one ``.npy`` header per array (< 256 bytes) and keys."""
-    return sum(v.size * itemsize + 256 + len(k) for k, v in state.items())
 
 
 @dataclass

@@ -45,10 +45,7 @@ from ..lora.components import (
     Selection,
     a_key,
     b_key,
-    check_selection,
     first_selection,
-    full_selection,
-    gather,
     lora_modules,
     module_rank,
     other_keys,
@@ -56,12 +53,9 @@ from ..lora.components import (
 from ..lora.robust import scale_state
 from ..lora.state import (
     LoraState,
-    check_state,
-    from_array_record,
     record_dict_bytes,
-    to_array_record,
 )
-from ..lora.view import FREEZE, MODES, TRUNCATE
+from ..lora.view import MODES, TRUNCATE
 from ..profiles import ClientProfile, ProfileError
 from ..quant.blocks import pattern_to_str
 from ..quant.channel import round_budget_bits, shannon_rate_bps
@@ -70,35 +64,26 @@ from ..quant.payload import (
     UPLINKS,
     WIDTHS,
     Layout,
-    PayloadError,
     bound_budget,
-    decode,
-    delta_from_components,
-    encode_downlink,
     fixed_payload_bytes,
     layout_of,
     max_payload_bytes,
 )
-from ..untrusted import FLOAT16_MAX, FLOAT32_MAX, printable, within
+from ..untrusted import FLOAT16_MAX, FLOAT32_MAX, printable
 from ..wire import (
-    DOWN_KEY,
     PAYLOAD_KEY,
     PROFILE_KEY,
     PROFILE_QUERY,
-    SCORES_KEY,
-    SELECTION_KEY,
-    record_to_arrays,
-    selection_to_record,
+    UploadTerms,
+    decode_upload,
+    encode_download,
 )
 from .base import (
-    ARRAYS_KEY,
     CONFIG_KEY,
     ClientRoundStats,
     LoRAStrategy,
     ReplyError,
     check_global,
-    check_record_bytes,
-    state_record_limit,
 )
 from .blocks import BlockPlanner
 
@@ -431,22 +416,8 @@ class HeterogeneousLoRA(LoRAStrategy):
         self, server_round: int, node_id: int, global_state: LoraState
     ) -> dict[str, ArrayRecord | ConfigRecord]:
         job = self.assignments[node_id]
-        sent = job.selection if self.mode != FREEZE else full_selection(global_state)
-        arrays = gather(global_state, sent)
-        records: dict[str, ArrayRecord] = {}
-        if self.downlink_bits == 8:
-            records[DOWN_KEY] = to_array_record(
-                encode_downlink(
-                    arrays,
-                    sent,
-                    self.modules,
-                    self._downlink_rng(server_round, node_id),
-                )
-            )
-        else:
-            if self.downlink_bits == 16:
-                arrays = OrderedDict((k, v.astype(np.float16)) for k, v in arrays.items())
-            records[ARRAYS_KEY] = to_array_record(arrays)
+        rng = self._downlink_rng(server_round, node_id)
+        records = encode_download(global_state, job.selection, self.mode, self.downlink_bits, rng)
         config = {
             "mode": self.mode,
             "rank": job.rank,
@@ -457,11 +428,7 @@ class HeterogeneousLoRA(LoRAStrategy):
         }
         if job.block_bits is not None:
             config["block-bits"] = pattern_to_str(job.block_bits)
-        return {
-            **records,
-            SELECTION_KEY: selection_to_record(job.selection),
-            CONFIG_KEY: ConfigRecord(config),
-        }
+        return {**records, CONFIG_KEY: ConfigRecord(config)}
 
     def _downlink_rng(self, server_round: int, node_id: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, server_round, node_id % (2**32)])
@@ -469,92 +436,28 @@ class HeterogeneousLoRA(LoRAStrategy):
     def decode_reply(
         self, node_id: int, content: RecordDict, stats: ClientRoundStats
     ) -> ClientUpdate:
+        """The node's component upload, checked against its assignment
+        (:func:`~haflq_flower.wire.decode_upload`)."""
         job = self.assignments.get(node_id)
         if job is None:
             raise ReplyError("reply from a node that was not asked to train this round")
-        upload_key = PAYLOAD_KEY if self.uplink == "adaptive" else ARRAYS_KEY
-        for key in (upload_key, SELECTION_KEY, SCORES_KEY):
-            if key not in content.array_records:
-                raise ReplyError(f"reply lacks the '{key}' record")
-        modules = list(job.selection)
-        # Sizes first, from the records' byte counts: nothing is parsed beyond what the
-        # assigned work can need (one int64/float64 per assigned component and module).
-        index_limit = sum(len(m) + 256 + 8 * len(job.selection[m]) for m in modules)
-        for key in (SELECTION_KEY, SCORES_KEY):
-            check_record_bytes(content.array_records[key], index_limit, key)
-        if upload_key == ARRAYS_KEY:
-            limit = state_record_limit(gather(self._global, job.selection))
-            check_record_bytes(content.array_records[ARRAYS_KEY], limit, ARRAYS_KEY)
-        trained = check_selection(
-            record_to_arrays(content.array_records[SELECTION_KEY]), modules, self.global_rank
+        terms = UploadTerms(
+            assigned=job.selection,
+            uplink=self.uplink,
+            budget_bytes=job.budget_bytes,
+            global_rank=self.global_rank,
+            widths=self.widths,
+            value_limit=self.value_limit(),
         )
-        for m in modules:
-            if not np.isin(trained[m], job.selection[m]).all():
-                raise ReplyError(f"{m}: trained components that were not assigned")
-        scores = record_to_arrays(content.array_records[SCORES_KEY])
-        if set(scores) != set(modules):
-            raise ReplyError("scores do not name the assigned modules")
-        for m in modules:
-            sc = np.asarray(scores[m])
-            if (
-                sc.shape != trained[m].shape
-                or sc.dtype.kind not in "fiu"
-                or not within(sc, FLOAT32_MAX)
-                or (sc < 0).any()
-            ):
-                raise ReplyError(
-                    f"{m}: scores must be {trained[m].shape} numbers >= 0 and finite in float32"
-                )
-            scores[m] = sc.astype(np.float64)
-        if self.uplink == "adaptive":
-            selection, delta = self._decode_payload(content.array_records[PAYLOAD_KEY], job, stats)
-        else:
-            selection, delta = (
-                trained,
-                self._decode_arrays(content.array_records[ARRAYS_KEY], trained),
-            )
-        for m in modules:
-            if not np.isin(selection[m], trained[m]).all():
-                raise ReplyError(f"{m}: uploaded components that were not trained")
-        self._check_new_values(selection, delta)
-        stats.components_up = int(sum(len(idx) for idx in selection.values()))
-        return ClientUpdate(delta, selection=selection, trained=trained, scores=scores)
-
-    def _decode_arrays(self, record: ArrayRecord, selection: Selection) -> LoraState:
-        """fp32/fp16 deltas of the trained components, checked like any adapter state."""
-        delta = from_array_record(record)
-        check_state(gather(self._global, selection), delta)
-        return OrderedDict((k, v.astype(np.float32)) for k, v in delta.items())
-
-    def _check_new_values(self, selection: Selection, delta: LoraState) -> None:
-        """Reject a delta that would take a value of the global state out of
-        :meth:`value_limit` (global + delta computed in float64)."""
-        base = gather(self._global, selection)
-        limit = self.value_limit()
-        for key, value in delta.items():
-            if key in base and not within(base[key].astype(np.float64) + value, limit):
-                raise ReplyError(
-                    f"{key}: global + delta leaves +-{limit:.4g}, the range of the float "
-                    "type the global adapter is sent in"
-                )
+        update, bits = decode_upload(content, terms, self._global, self._layout())
+        if bits is not None:
+            stats.bits = bits
+            stats.payload_bytes = content.array_records[PAYLOAD_KEY].count_bytes()
+        stats.components_up = int(sum(len(idx) for idx in update.selection.values()))
+        return update
 
     def _layout(self) -> Layout:
         return layout_of(self._global, self.modules)
-
-    def _decode_payload(
-        self, record: ArrayRecord, job: Assignment, stats: ClientRoundStats
-    ) -> tuple[Selection, LoraState]:
-        size = record.count_bytes()
-        if size > job.budget_bytes:
-            raise ReplyError(f"payload of {size} bytes exceeds the budget of {job.budget_bytes}")
-        layout = self._layout()
-        try:
-            keys, widths, a, b, head = decode(record_to_arrays(record), layout, self.widths)
-        except PayloadError as err:
-            raise ReplyError(f"payload: {err}") from err
-        stats.bits = {str(w): int((widths == w).sum()) for w in (*WIDTHS,)}
-        stats.payload_bytes = size
-        return delta_from_components(keys, a, b, head, self.modules, layout.module_dims)
 
     def received_global(self, global_state: LoraState) -> LoraState:
         """The global state as a client decoded it: rounded to float16 with the 16-bit
