@@ -360,8 +360,8 @@ def decode(
 ) -> DecodedPayload:
     """Validate and decode a payload.
 
-    Returns a :class:`DecodedPayload` (keys, widths, a-vectors, b-vectors, head) with components in
-    the order of ``WIDTHS`` groups. Everything is checked before anything is
+    Returns a :class:`DecodedPayload` (keys, widths, a-vectors, b-vectors, head) with
+    components in the order of ``WIDTHS`` groups. Everything is checked before anything is
     dequantized: the array names, every shape and dtype against what the receiver
     knows (vector lengths come from ``layout``, never from the payload), indices in
     range, no component twice, no component at a width outside ``allowed_widths``,
@@ -369,6 +369,30 @@ def decode(
     bytes to reject, and an accepted one decodes into at most one float32 vector per
     (module, component) of the layout. Raises :class:`PayloadError`.
     """
+    _check_names(arrays, layout)
+    dims = np.asarray(layout.module_dims, dtype=np.int64).reshape(-1, 2)
+    # (bits, keys, lengths, total): every group checked before any decoding
+    groups = [_checked_group(arrays, bits, dims, layout.rank, allowed_widths) for bits in WIDTHS]
+    keys = np.concatenate([g[1] for g in groups])
+    if len(keys):
+        flat_ids = keys[:, 0] * layout.rank + keys[:, 1]
+        if len(np.unique(flat_ids)) != len(flat_ids):
+            raise PayloadError("a component appears more than once in the payload")
+    _check_head(arrays, layout)
+    all_widths, a_out, b_out = [], [], []
+    for bits, group_keys, lengths, total in groups:
+        flat = _decoded_values(arrays, bits, lengths, total)
+        bounds = np.cumsum(lengths)[:-1] if len(lengths) else []
+        vecs = np.split(flat, bounds) if len(lengths) else []
+        a_out += vecs[0::2]
+        b_out += vecs[1::2]
+        all_widths.append(np.full(len(group_keys), bits, dtype=np.int64))
+    head = {key: np.asarray(arrays[f"head.{key}"]).astype(np.float32) for key in layout.head_shapes}
+    return DecodedPayload(keys, np.concatenate(all_widths), a_out, b_out, head)
+
+
+def _check_names(arrays: Mapping[str, np.ndarray], layout: Layout) -> None:
+    """Exactly the arrays of the format, and the format's version."""
     expected = {"meta"} | {f"head.{k}" for k in layout.head_shapes}
     for bits in WIDTHS:
         expected |= {f"idx.{bits}"} | (
@@ -380,74 +404,76 @@ def decode(
     meta = np.asarray(arrays["meta"])
     if meta.shape != (1,) or int(meta[0]) != FORMAT_VERSION:
         raise PayloadError(f"unknown payload format {meta.tolist()}; expected [{FORMAT_VERSION}]")
-    dims = np.asarray(layout.module_dims, dtype=np.int64).reshape(-1, 2)
-    groups = []  # (bits, keys, lengths, total): everything checked before any decoding
-    for bits in WIDTHS:
-        keys = np.asarray(arrays[f"idx.{bits}"])
-        if keys.ndim != 2 or keys.shape[1] != 2 or not np.issubdtype(keys.dtype, np.integer):
-            raise PayloadError(f"idx.{bits}: expected an (n, 2) integer array, got {keys.shape}")
-        if keys.size and bits not in allowed_widths:
-            raise PayloadError(
-                f"idx.{bits}: {len(keys)} component(s) at {bits} bits; the allowed widths "
-                f"are {sorted(w for w in allowed_widths if w > 0)}"
-            )
-        if keys.size and (
-            keys[:, 0].min() < 0
-            or keys[:, 0].max() >= len(dims)
-            or keys[:, 1].min() < 0
-            or keys[:, 1].max() >= layout.rank
-        ):
-            raise PayloadError(f"idx.{bits}: module or component index out of range")
-        keys = keys.astype(np.int64)
-        # Vector lengths come from the receiver's own shapes, never from the payload.
-        lengths = dims[keys[:, 0]].reshape(-1) if keys.size else np.zeros(0, np.int64)
-        total = int(lengths.sum())
-        if bits == 16:
-            val = np.asarray(arrays["val.16"])
-            if val.dtype != np.float16 or val.shape != (total,):
-                raise PayloadError(
-                    f"val.16: expected ({total},) float16, got {val.shape} {val.dtype}"
-                )
-        else:
-            code, lo, scale = (np.asarray(arrays[f"{p}.{bits}"]) for p in ("code", "lo", "scale"))
-            if code.dtype != np.uint8 or code.shape != (packed_len(total, bits),):
-                raise PayloadError(
-                    f"code.{bits}: expected ({packed_len(total, bits)},) uint8, got "
-                    f"{code.shape} {code.dtype}"
-                )
-            for name, arr in (("lo", lo), ("scale", scale)):
-                if arr.dtype != np.float32 or arr.shape != (len(lengths),):
-                    raise PayloadError(f"{name}.{bits}: expected ({len(lengths)},) float32")
-            if not (np.isfinite(lo).all() and np.isfinite(scale).all()) or (scale < 0).any():
-                raise PayloadError(f"lo/scale.{bits}: non-finite or negative values")
-        groups.append((bits, keys, lengths, total))
-    keys = np.concatenate([g[1] for g in groups])
-    if len(keys):
-        flat_ids = keys[:, 0] * layout.rank + keys[:, 1]
-        if len(np.unique(flat_ids)) != len(flat_ids):
-            raise PayloadError("a component appears more than once in the payload")
+
+
+def _checked_group(
+    arrays: Mapping[str, np.ndarray],
+    bits: int,
+    dims: np.ndarray,
+    rank: int,
+    allowed_widths: Sequence[int],
+) -> tuple[int, np.ndarray, np.ndarray, int]:
+    """One width group's indices, vector lengths and total length, every array of the
+    group checked against them (nothing dequantized)."""
+    keys = np.asarray(arrays[f"idx.{bits}"])
+    if keys.ndim != 2 or keys.shape[1] != 2 or not np.issubdtype(keys.dtype, np.integer):
+        raise PayloadError(f"idx.{bits}: expected an (n, 2) integer array, got {keys.shape}")
+    if keys.size and bits not in allowed_widths:
+        raise PayloadError(
+            f"idx.{bits}: {len(keys)} component(s) at {bits} bits; the allowed widths "
+            f"are {sorted(w for w in allowed_widths if w > 0)}"
+        )
+    if keys.size and (
+        keys[:, 0].min() < 0
+        or keys[:, 0].max() >= len(dims)
+        or keys[:, 1].min() < 0
+        or keys[:, 1].max() >= rank
+    ):
+        raise PayloadError(f"idx.{bits}: module or component index out of range")
+    keys = keys.astype(np.int64)
+    # Vector lengths come from the receiver's own shapes, never from the payload.
+    lengths = dims[keys[:, 0]].reshape(-1) if keys.size else np.zeros(0, np.int64)
+    total = int(lengths.sum())
+    if bits == 16:
+        val = np.asarray(arrays["val.16"])
+        if val.dtype != np.float16 or val.shape != (total,):
+            raise PayloadError(f"val.16: expected ({total},) float16, got {val.shape} {val.dtype}")
+        return bits, keys, lengths, total
+    code, lo, scale = (np.asarray(arrays[f"{p}.{bits}"]) for p in ("code", "lo", "scale"))
+    if code.dtype != np.uint8 or code.shape != (packed_len(total, bits),):
+        raise PayloadError(
+            f"code.{bits}: expected ({packed_len(total, bits)},) uint8, got "
+            f"{code.shape} {code.dtype}"
+        )
+    for name, arr in (("lo", lo), ("scale", scale)):
+        if arr.dtype != np.float32 or arr.shape != (len(lengths),):
+            raise PayloadError(f"{name}.{bits}: expected ({len(lengths)},) float32")
+    if not (np.isfinite(lo).all() and np.isfinite(scale).all()) or (scale < 0).any():
+        raise PayloadError(f"lo/scale.{bits}: non-finite or negative values")
+    return bits, keys, lengths, total
+
+
+def _check_head(arrays: Mapping[str, np.ndarray], layout: Layout) -> None:
     for key, shape in layout.head_shapes.items():
         value = np.asarray(arrays[f"head.{key}"])
         if value.shape != tuple(shape) or not np.issubdtype(value.dtype, np.floating):
             raise PayloadError(f"head.{key}: expected {tuple(shape)} float, got {value.shape}")
         if not np.isfinite(value).all():
             raise PayloadError(f"head.{key}: non-finite values")
-    all_widths, a_out, b_out = [], [], []
-    for bits, group_keys, lengths, total in groups:
-        if bits == 16:
-            flat = np.asarray(arrays["val.16"]).astype(np.float32)
-        else:
-            code, lo, scale = (np.asarray(arrays[f"{p}.{bits}"]) for p in ("code", "lo", "scale"))
-            flat = dequantize(unpack_codes(code, bits, total), lo, scale, lengths)
-        if not np.isfinite(flat).all():
-            raise PayloadError(f"width {bits}: non-finite values")
-        bounds = np.cumsum(lengths)[:-1] if len(lengths) else []
-        vecs = np.split(flat, bounds) if len(lengths) else []
-        a_out += vecs[0::2]
-        b_out += vecs[1::2]
-        all_widths.append(np.full(len(group_keys), bits, dtype=np.int64))
-    head = {key: np.asarray(arrays[f"head.{key}"]).astype(np.float32) for key in layout.head_shapes}
-    return DecodedPayload(keys, np.concatenate(all_widths), a_out, b_out, head)
+
+
+def _decoded_values(
+    arrays: Mapping[str, np.ndarray], bits: int, lengths: np.ndarray, total: int
+) -> np.ndarray:
+    """One checked group's values, dequantized to float32 (all finite, or an error)."""
+    if bits == 16:
+        flat = np.asarray(arrays["val.16"]).astype(np.float32)
+    else:
+        code, lo, scale = (np.asarray(arrays[f"{p}.{bits}"]) for p in ("code", "lo", "scale"))
+        flat = dequantize(unpack_codes(code, bits, total), lo, scale, lengths)
+    if not np.isfinite(flat).all():
+        raise PayloadError(f"width {bits}: non-finite values")
+    return flat
 
 
 # ------------------------------------------------------- adapter sub-states <-> payload
