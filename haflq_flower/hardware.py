@@ -2,7 +2,7 @@
 
 bfloat16 is only fast where the hardware has it: CUDA GPUs with bf16 support, and CPUs
 with AVX512-BF16 or AMX. On other CPUs (e.g. AVX2-only) PyTorch emulates bf16 matmuls,
-measured 30x slower than float32 on our AVX2 machines (docs/benchmarks.md).
+far slower than float32 on our AVX2 machines (measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def auto_compute_dtype() -> str:
     """``bfloat16`` on a bf16-capable GPU or CPU; ``float16`` on an older GPU; else
-    ``float32`` (a CPU without fast bf16 emulates it, about 30x slower)."""
+    ``float32`` (a CPU without fast bf16 emulates it, much slower)."""
     import torch  # here, not at import: parsing a run config needs no torch otherwise
 
     if torch.cuda.is_available():

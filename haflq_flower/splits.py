@@ -111,7 +111,7 @@ def inner_dirichlet(
 ) -> list[np.ndarray]:
     """Label skew for any number of clients: sizes fixed and equal, each client's label
     mix drawn from Dirichlet(alpha) (the model of flwr-datasets' InnerDirichletPartitioner,
-    which samples row by row and took 27 s for 10,000 clients; this takes milliseconds).
+    which samples row by row: docs/benchmarks.md, "Scale", has both timed).
 
     Each partition's class counts are a multinomial draw from its mix; the rows that the
     draws ask of a class beyond its supply are taken back (from the partitions that asked,

@@ -47,7 +47,7 @@ class Linear16(nn.Linear):
     """A frozen linear layer stored in 16 bits and computed in the input's dtype.
 
     On a GPU with bf16 compute this is a plain bf16 linear layer. On a CPU without bf16
-    instructions, where bf16 matmuls are emulated and ~15x slower, the weight is stored
+    instructions, where bf16 matmuls are emulated (much slower), the weight is stored
     in bf16 (the memory of a 16-bit model) and upcast per call, like bitsandbytes does
     when it dequantizes.
     """
