@@ -393,6 +393,35 @@ def _output_paths(cfg: Mapping[str, Any]) -> tuple[Path, Path | None]:
     return output_dir, resume
 
 
+def _namespace(key: str) -> str:
+    """A key's first section (``lora`` of ``lora.rank``); a key without one is its own
+    (and haflq-flower's: the app's keys must have a section)."""
+    return key.split(".", 1)[0] if "." in key else ""
+
+
+# The sections of haflq-flower's keys, and its keys without a section: a key there that
+# is not one of ours is a typo. Keys of other sections belong to the app (a strategy's
+# own options, docs/extending.md).
+NAMESPACES = frozenset(_namespace(key) for key in DEFAULTS)  # "" for the keys without
+
+
+def _option_keys(options: type | None) -> dict[str, Any]:
+    """The keys of a strategy's options dataclass with their defaults; each must lie in a
+    section of its own (under `flwr run` every key of the app's pyproject reaches every
+    run, whichever strategy it selects)."""
+    if options is None:
+        return {}
+    keys = {spec.key: spec.default for spec in settings_of(options)}
+    for key in keys:
+        if "." not in key or _namespace(key) in NAMESPACES:
+            raise ConfigError(
+                f"strategy option {key!r} ({options.__name__}) must lie in a section of its "
+                f"own, e.g. 'my-strategy.{key.rsplit('.', 1)[-1]}': "
+                f"{', '.join(sorted(NAMESPACES))} are haflq-flower's"
+            )
+    return keys
+
+
 def parse_run_config(cfg: Mapping[str, Any], options: type | None = None) -> RunConfig:
     """Validate a flat run config (missing keys take their defaults).
 
@@ -408,24 +437,22 @@ def parse_run_config(cfg: Mapping[str, Any], options: type | None = None) -> Run
     Raises
     ------
     ConfigError
-        On an unknown key, a wrong type or a value out of range.
+        On an unknown key in one of haflq-flower's sections or the strategy's, a wrong
+        type or a value out of range. Keys of other sections are kept (``raw``, written
+        to results.json) and not used: they are the app's keys of another strategy.
     """
-    known = dict(DEFAULTS)
-    if options is not None:
-        for spec in settings_of(options):
-            if spec.key in known:
-                raise ConfigError(
-                    f"strategy option {spec.key!r} ({options.__name__}) is already a run "
-                    "config key of haflq-flower; give it a key of its own"
-                )
-            known[spec.key] = spec.default
-    unknown = sorted(set(cfg) - set(known))
+    known = {**DEFAULTS, **_option_keys(options)}
+    own = NAMESPACES | {_namespace(key) for key in known if key not in DEFAULTS}
+    unknown = sorted(key for key in set(cfg) - set(known) if _namespace(key) in own)
     if unknown:
         raise ConfigError(
             f"unknown run config key(s): {', '.join(unknown)}. "
             f"Known keys are listed in pyproject.toml under [tool.flwr.app.config]"
             + (f" and in {options.__name__}." if options is not None else ".")
         )
+    foreign = sorted(set(cfg) - set(known))
+    if foreign:  # an app's keys for another strategy (docs/extending.md): kept, unused
+        known.update((key, cfg[key]) for key in foreign)
     seed = setting_of(RunConfig, "seed").read(cfg)
     data = parse_section(DataConfig, cfg, seed=seed)
     train = parse_section(TrainConfig, cfg)

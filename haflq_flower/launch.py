@@ -294,6 +294,39 @@ def given_run_config(items: list[str]) -> dict[str, Any]:
         raise LaunchError(f"--run-config cannot be parsed: {err}") from err
 
 
+def declared_keys(app_dir: Path) -> set[str]:
+    """The run-config keys the app declares (``[tool.flwr.app.config]`` of its
+    pyproject.toml, nested tables joined by dots, as Flower flattens them)."""
+    import tomllib
+
+    def flatten(prefix: str, table: dict) -> set[str]:
+        keys = set()
+        for key, value in table.items():
+            full = f"{prefix}.{key}" if prefix else key
+            keys |= flatten(full, value) if isinstance(value, dict) else {full}
+        return keys
+
+    try:
+        pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise LaunchError(f"cannot read {app_dir / 'pyproject.toml'}: {err}") from err
+    return flatten("", pyproject.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+
+
+def check_declared(given: dict[str, Any], app_dir: Path) -> None:
+    """`flwr run` accepts only run-config keys the app declares: say which are not, and
+    where to declare them, before a SuperLink starts (Flower says only "Invalid run
+    configuration")."""
+    missing = sorted(set(given) - declared_keys(app_dir))
+    if missing:
+        raise LaunchError(
+            f"run config key(s) {', '.join(missing)} not declared in "
+            f"{app_dir / 'pyproject.toml'} [tool.flwr.app.config]; `flwr run` accepts only "
+            "declared keys. Check the spelling, or declare a strategy's own key there with "
+            "its default (docs/extending.md)."
+        )
+
+
 def resolve_output_dir(given: dict[str, Any], flag: str | None, default: Path) -> Path:
     """The run directory: ``output.dir`` (or ``resume``) from the run config, else
     ``--output-dir``, else ``default``; absolute.
@@ -437,6 +470,7 @@ def _checked_inputs(args: argparse.Namespace) -> tuple[Path, list[str]]:
     if args.num_supernodes < 1:
         raise LaunchError("--num-supernodes must be >= 1")
     given = given_run_config(args.run_config)
+    check_declared(given, app_dir)
     output_dir = resolve_output_dir(
         given, args.output_dir, Path("outputs") / time.strftime("run-%Y%m%d-%H%M%S")
     )

@@ -41,7 +41,8 @@ def test_empty_config_takes_defaults():
         ("strategy.fraction-train", 1.5, "[0, 1]"),
         ("output.dir", "relative/path", "absolute"),
         ("lora.target-modules", " , ", "names no module"),
-        ("no.such-key", 1, "unknown run config key"),
+        ("lora.such-key", 1, "unknown run config key"),
+        ("nosection", 1, "unknown run config key"),
         ("blocks.precision", "uniform-3", "allowed: off, uniform-4"),
         ("blocks.salience-metric", "magic", "allowed: gradient, influence, quantization"),
         ("blocks.calibration-rows", 0, "blocks.calibration-rows"),
@@ -82,3 +83,11 @@ def test_eval_every_schedules_the_server_evaluations(every, expected):
 def test_eval_every_must_not_be_negative():
     with pytest.raises(ConfigError, match="eval.every"):
         load_run_config({"eval.every": -1})
+
+
+def test_keys_of_other_sections_are_the_apps_and_kept():
+    """Under `flwr run` every key of the app's pyproject reaches every run: a section that
+    is not haflq-flower's (a strategy's own options) is kept in the written config and
+    not used; a typo inside one of our sections is still an error (above)."""
+    cfg = load_run_config({"my-strategy.knob": 2})
+    assert cfg.raw["my-strategy.knob"] == 2 and cfg.options is None

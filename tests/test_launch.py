@@ -85,6 +85,22 @@ def test_a_wrong_run_config_value_fails_at_start_up(tmp_path, capsys):
     assert code == 2 and "model.quantization" in capsys.readouterr().err
 
 
+def test_a_key_the_app_does_not_declare_fails_at_start_up(tmp_path, capsys):
+    """`flwr run` takes only keys of the app's pyproject: the launcher names the key and
+    where to declare it (Flower would say only "Invalid run configuration")."""
+    code = _main(tmp_path, "--run-config", _tiny_config(**{"round-robin.offset": 1}))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "round-robin.offset not declared in" in err and "[tool.flwr.app.config]" in err
+    assert not (tmp_path / "home").exists()
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(
+        "[tool.flwr.app.config]\nseed = 0\n\n[tool.flwr.app.config.round-robin]\noffset = 0\n"
+    )
+    assert launch.declared_keys(app) == {"seed", "round-robin.offset"}
+
+
 def test_dirichlet_error_names_the_keys():
     labels = np.array([i % 2 for i in range(12_500)])
     with pytest.raises(DataLoadError) as err:

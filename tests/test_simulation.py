@@ -274,15 +274,33 @@ def test_eval_every_zero_evaluates_only_the_last_round(tmp_path):
 
 
 def test_flwr_run_with_a_strategy_named_by_import_path(tmp_path, app_dir):
-    """The extension path of docs/extending.md under the real `flwr run`: the ServerApp
-    and every ClientApp (other processes) resolve the user's class from the run config."""
+    """The extension path of docs/extending.md under the real `flwr run`: a user's app (this
+    one plus the strategy's own key declared in its pyproject), whose ServerApp and every
+    ClientApp (other processes) resolve the user's class from the run config and accept
+    its option."""
+    import shutil
+
+    from haflq_flower import compare, launch
+
+    app = tmp_path / "app"
+    shutil.copytree(app_dir / "haflq_flower", app / "haflq_flower")
+    (app / "tests").mkdir()
+    for name in ("__init__.py", "round_robin.py"):
+        shutil.copy(app_dir / "tests" / name, app / "tests" / name)
+    shutil.copy(app_dir / "README.md", app / "README.md")
+    pyproject = (app_dir / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(
+        pyproject + "\n[tool.flwr.app.config.round-robin]\noffset = 0\n"
+    )
     out = tmp_path / "run"
     config = {
         **TINY,
         "strategy.name": "tests.round_robin:RoundRobinSelection",
         "round-robin.offset": 1,  # the strategy's own key: every ClientApp must accept it
     }
-    assert launch_tiny(out, config) == 0
+    argv = ["--app", str(app), "--num-supernodes", "2", "--client-cpus", "1"]
+    argv += ["--output-dir", str(out), "--run-config", compare.config_string(config)]
+    assert launch.main([*argv, "--timeout", "600"]) == 0
     results = _check_results(out, num_rounds=2, num_clients=2)
     assert results["config"]["strategy.name"] == "tests.round_robin:RoundRobinSelection"
     assert results["config"]["round-robin.offset"] == 1
