@@ -499,12 +499,14 @@ def load_correct(
     out_dir: Path, arms: Sequence[str], seeds: Sequence[int]
 ) -> dict[str, dict[int, np.ndarray]]:
     """Per arm and seed, every evaluated row's correctness after the final round, for
-    the finished runs that wrote predictions. Runs must share rows and round count
-    (equal rounds, same test rows): a mismatch is an error, not a silent skip."""
+    the finished runs that wrote predictions. Runs must end at the same round, and the
+    runs of one seed must share their rows (each seed draws its own test rows): a
+    mismatch is an error, not a silent skip."""
     out: dict[str, dict[int, np.ndarray]] = {}
-    reference: tuple[int, np.ndarray, str] | None = None
-    for arm in arms:
-        for seed in seeds:
+    last_round: tuple[int, str] | None = None
+    for seed in seeds:
+        reference: tuple[np.ndarray, str] | None = None
+        for arm in arms:
             run_dir = out_dir / f"{arm}-seed{seed}"
             if not _complete(run_dir / "results.json"):
                 continue
@@ -512,16 +514,21 @@ def load_correct(
             if found is None:
                 continue
             last, labels, correct = found
-            if reference is None:
-                reference = (last, labels, run_dir.name)
-            elif last != reference[0] or not np.array_equal(labels, reference[1]):
+            last_round = last_round or (last, run_dir.name)
+            reference = reference or (labels, run_dir.name)
+            if last != last_round[0]:
                 raise SystemExit(
-                    f"error: {run_dir.name} ends at round {last} on {len(labels)} rows, "
-                    f"{reference[2]} at round {reference[0]} on {len(reference[1])}: paired "
-                    "tests need equal rounds on the same rows"
+                    f"error: {run_dir.name} ends at round {last}, {last_round[1]} at round "
+                    f"{last_round[0]}: paired tests need equal rounds"
+                )
+            if not np.array_equal(labels, reference[0]):
+                raise SystemExit(
+                    f"error: {run_dir.name} evaluated other rows than {reference[1]} "
+                    f"({len(labels)} against {len(reference[0])}): the runs of one seed "
+                    "must share the test rows (same data settings)"
                 )
             out.setdefault(arm, {})[seed] = correct
-    return out
+    return dict(sorted(out.items(), key=lambda item: list(arms).index(item[0])))
 
 
 def _pairs(correct, a: str, b: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -602,10 +609,11 @@ def paired_decisions(
         for arm in [reference, *arms]:
             if arm in bounds or arm not in correct:
                 continue
+            common = sorted(set(correct[arm]) & set(correct[low]) & set(correct[high]))
+            if not common:
+                continue
             gap = stats.gap_closed(
-                list(correct[arm].values()),
-                list(correct[low].values()),
-                list(correct[high].values()),
+                [(correct[arm][s], correct[low][s], correct[high][s]) for s in common]
             )
             out.setdefault("gap_closed", {})[arm] = [gap.estimate, gap.low, gap.high]
     return out

@@ -9,9 +9,13 @@ Pure numpy and the standard library; no model, Flower or Ray. Used by
   ``min(1, 2 * P(X <= min(b, c)))`` with ``X ~ Bin(b + c, 1/2)``.
 - :func:`pooled_mcnemar`: the same over several seeds, the discordant counts summed.
 - :func:`paired_bootstrap`: a percentile interval for the accuracy difference, resampling
-  rows (the same resampled rows for both models and for every seed).
+  rows (the same resampled rows for both models).
 - :func:`gap_closed`: ``(acc - low) / (high - low)`` against two bounds, with a paired
   bootstrap interval.
+
+Several seeds are several strata: each seed draws its own test rows (the test split is
+seeded by the run's seed), so every function takes one pair (or triple) per seed, each on
+that seed's rows, resamples rows within each seed, and weighs the seeds equally.
 - :func:`holm`: Holm's step-down adjustment for a family of p-values.
 """
 
@@ -87,20 +91,28 @@ class Interval:
         return not self.low <= value <= self.high
 
 
-def _resampled_rows(num_rows: int, resamples: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
+def _resampled_rows(num_rows: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, num_rows, size=(resamples, num_rows))
 
 
-def _row_differences(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Per row, score A minus score B averaged over the pairs (seeds on the same rows)."""
-    stacked = [_as_pairs(a, b, float) for a, b in pairs]
-    if not stacked:
+def _seed_differences(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Per seed, score A minus score B on each of that seed's rows."""
+    if not pairs:
         raise ValueError("no pairs")
-    n = stacked[0][0].shape[0]
-    if any(a.shape[0] != n for a, _ in stacked):
-        raise ValueError("every pair must cover the same rows")
-    return np.mean([a - b for a, b in stacked], axis=0)
+    return [a - b for a, b in (_as_pairs(a, b, float) for a, b in pairs)]
+
+
+def _stratified_means(
+    per_seed: Sequence[np.ndarray], resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Bootstrap draws of the mean over seeds of each seed's row mean, rows resampled
+    within each seed. ``per_seed[i]`` has shape (groups, rows_i); the result
+    (groups, resamples)."""
+    draws = [
+        values[:, _resampled_rows(values.shape[1], resamples, rng)].mean(axis=2)
+        for values in per_seed
+    ]
+    return np.mean(draws, axis=0)
 
 
 def paired_bootstrap(
@@ -109,15 +121,14 @@ def paired_bootstrap(
     level: float = 0.95,
     seed: int = 0,
 ) -> Interval:
-    """Percentile interval of ``mean over pairs of (acc(A) - acc(B))``: rows resampled
-    with replacement, the same rows for both models and every pair (seeds share the
-    test rows)."""
-    diff = _row_differences(pairs)
-    n = diff.shape[0]
-    idx = _resampled_rows(n, resamples, seed)
-    draws = diff[idx].mean(axis=1)
+    """Percentile interval of ``mean over seeds of (acc(A) - acc(B))``: within each seed
+    its rows resampled with replacement, the same rows for both models."""
+    diffs = _seed_differences(pairs)
+    estimate = float(np.mean([d.mean() for d in diffs]))
+    rng = np.random.default_rng(seed)
+    draws = _stratified_means([d[None, :] for d in diffs], resamples, rng)[0]
     alpha = (1.0 - level) / 2
-    return Interval(float(diff.mean()), *np.quantile(draws, [alpha, 1 - alpha]).tolist())
+    return Interval(estimate, *np.quantile(draws, [alpha, 1 - alpha]).tolist())
 
 
 def is_binary(correct: np.ndarray) -> bool:
@@ -133,11 +144,11 @@ def paired_permutation(
     seed: int = 0,
 ) -> float:
     """Two-sided p-value of "mean over rows of (score A - score B) is 0" by flipping the
-    sign of each row's difference (rows exchangeable under the null; the difference of a
-    row is averaged over the pairs, i.e. seeds). Works for fractional per-row scores,
-    where McNemar's test does not apply. Monte Carlo with ``resamples`` flips, the
-    observed assignment counted in (so p >= 1 / (resamples + 1))."""
-    diff = _row_differences(pairs)
+    sign of each row's difference (A and B exchangeable on a row under the null; the rows
+    of every seed together). Works for fractional per-row scores, where McNemar's test
+    does not apply. Monte Carlo with ``resamples`` flips, the observed assignment counted
+    in (so p >= 1 / (resamples + 1))."""
+    diff = np.concatenate(_seed_differences(pairs))
     n = diff.shape[0]
     observed = abs(diff.mean())
     rng = np.random.default_rng(seed)
@@ -150,28 +161,30 @@ def paired_permutation(
 
 
 def gap_closed(
-    arm: Sequence[np.ndarray],
-    low: Sequence[np.ndarray],
-    high: Sequence[np.ndarray],
+    runs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
     resamples: int = 2000,
     level: float = 0.95,
     seed: int = 0,
 ) -> Interval:
-    """``(acc - acc_low) / (acc_high - acc_low)``, each accuracy the mean over its runs'
-    correctness vectors (one per seed, all on the same rows), with a percentile interval
-    from resampling rows jointly for the three arms. Resamples where the bounds tie are
-    dropped; the interval is NaN if all tie."""
-    groups = [np.mean([np.asarray(r, dtype=float) for r in g], axis=0) for g in (arm, low, high)]
-    n = groups[0].shape[0]
-    if any(g.shape != (n,) for g in groups):
-        raise ValueError("every run must cover the same rows")
-    a, lo, hi = groups
-    if hi.mean() == lo.mean():
+    """``(acc - acc_low) / (acc_high - acc_low)`` from one ``(arm, low, high)`` triple of
+    correctness vectors per seed (each triple on that seed's rows), every accuracy the
+    mean over seeds; a percentile interval from resampling rows within each seed, jointly
+    for the three. Resamples where the bounds tie are dropped; the interval is NaN if all
+    tie."""
+    if not runs:
+        raise ValueError("no runs")
+    per_seed = []
+    for triple in runs:
+        vectors = [np.asarray(r, dtype=float) for r in triple]
+        if len({v.shape for v in vectors}) != 1 or vectors[0].ndim != 1:
+            raise ValueError("the runs of one seed must cover the same rows")
+        per_seed.append(np.stack(vectors))
+    a, lo, hi = np.mean([g.mean(axis=1) for g in per_seed], axis=0)
+    if hi == lo:
         raise ValueError("the bounds have equal accuracy: the gap is undefined")
-    estimate = (a.mean() - lo.mean()) / (hi.mean() - lo.mean())
-    idx = _resampled_rows(n, resamples, seed)
-    den = hi[idx].mean(axis=1) - lo[idx].mean(axis=1)
-    num = a[idx].mean(axis=1) - lo[idx].mean(axis=1)
+    estimate = (a - lo) / (hi - lo)
+    draws = _stratified_means(per_seed, resamples, np.random.default_rng(seed))
+    num, den = draws[0] - draws[1], draws[2] - draws[1]
     keep = den != 0
     if not keep.any():
         return Interval(float(estimate), math.nan, math.nan)

@@ -55,18 +55,66 @@ def test_paired_bootstrap_intervals():
     assert not small.excludes(0.0)
 
 
+def test_paired_bootstrap_treats_seeds_as_strata():
+    # each seed on its own rows (even a different number of them): seeds weigh equally
+    two = stats.paired_bootstrap([_pair(0, 100, 0, 0), _pair(0, 0, 0, 40)])
+    assert two.estimate == pytest.approx(0.5)  # (1.0 + 0.0) / 2, not 100 / 140
+    # no row varies within its seed: every resample gives the estimate
+    assert (two.low, two.high) == pytest.approx((0.5, 0.5))
+    # a seed's rows never mix with another's: twins give the one seed's interval
+    one = stats.paired_bootstrap([_pair(200, 60, 10, 130)], seed=3)
+    twins = stats.paired_bootstrap([_pair(200, 60, 10, 130)] * 2, seed=3)
+    assert twins.estimate == one.estimate
+    assert twins.high - twins.low < one.high - one.low  # two independent row samples
+
+
 def test_gap_closed_known_answers():
     n = 100
     high = np.arange(n) < 100  # all right
     low = np.arange(n) < 50
     arm = np.arange(n) < 75
-    gap = stats.gap_closed([arm], [low], [high], seed=0)
+    gap = stats.gap_closed([(arm, low, high)], seed=0)
     assert gap.estimate == pytest.approx(0.5)
     assert gap.low <= 0.5 <= gap.high
-    assert stats.gap_closed([high], [low], [high]).estimate == pytest.approx(1.0)
-    assert stats.gap_closed([low], [low], [high]).estimate == pytest.approx(0.0)
+    assert stats.gap_closed([(high, low, high)]).estimate == pytest.approx(1.0)
+    assert stats.gap_closed([(low, low, high)]).estimate == pytest.approx(0.0)
     with pytest.raises(ValueError):
-        stats.gap_closed([arm], [low], [low])
+        stats.gap_closed([(arm, low, low)])
+    with pytest.raises(ValueError):  # one seed's runs on different rows
+        stats.gap_closed([(arm[:-1], low, high)])
+    # two seeds on their own rows: accuracies are means over seeds
+    m = 40
+    seed1 = (np.arange(m) < 30, np.arange(m) < 20, np.arange(m) < 40)  # 0.75, 0.5, 1.0
+    both = stats.gap_closed([(arm, low, high), seed1])
+    assert both.estimate == pytest.approx(0.5)
+
+
+def _run(tmp_path, name: str, labels, predicted, last_round: int = 4):
+    run_dir = tmp_path / name
+    run_dir.mkdir(exist_ok=True)
+    found = predictions.Predictions(labels=np.asarray(labels), split="test")
+    found.add(last_round, np.asarray(predicted))
+    predictions.save(run_dir, found)
+    (run_dir / "results.json").write_text('{"final": {"accuracy": 0}}')
+
+
+def test_load_correct_pairs_runs_within_each_seed(tmp_path):
+    # seed 0 and seed 1 drew different test rows: allowed, they are never paired row by row
+    _run(tmp_path, "haflq-seed0", [0, 1, 1], [0, 1, 0])
+    _run(tmp_path, "fedit-seed0", [0, 1, 1], [1, 1, 1])
+    _run(tmp_path, "haflq-seed1", [1, 0], [1, 1])
+    _run(tmp_path, "fedit-seed1", [1, 0], [1, 0])
+    found = compare.load_correct(tmp_path, ["haflq", "fedit"], [0, 1])
+    assert list(found) == ["haflq", "fedit"]
+    assert found["haflq"][0].tolist() == [True, True, False]
+    assert found["fedit"][1].tolist() == [True, True]
+    # within one seed, other rows are an error
+    _run(tmp_path, "hetlora-seed1", [1, 1], [1, 1])
+    with pytest.raises(SystemExit, match="must share the test rows"):
+        compare.load_correct(tmp_path, ["haflq", "fedit", "hetlora"], [0, 1])
+    _run(tmp_path, "hetlora-seed1", [1, 0], [1, 1], last_round=3)
+    with pytest.raises(SystemExit, match="equal rounds"):
+        compare.load_correct(tmp_path, ["haflq", "fedit", "hetlora"], [0, 1])
 
 
 def test_holm_known_answer():
