@@ -12,11 +12,11 @@ Pure numpy and the standard library; no model, Flower or Ray. Used by
   rows (the same resampled rows for both models).
 - :func:`gap_closed`: ``(acc - low) / (high - low)`` against two bounds, with a paired
   bootstrap interval.
+- :func:`holm`: Holm's step-down adjustment for a family of p-values.
 
 Several seeds are several strata: each seed draws its own test rows (the test split is
 seeded by the run's seed), so every function takes one pair (or triple) per seed, each on
 that seed's rows, resamples rows within each seed, and weighs the seeds equally.
-- :func:`holm`: Holm's step-down adjustment for a family of p-values.
 """
 
 from __future__ import annotations
