@@ -16,7 +16,8 @@ Pure numpy and the standard library; no model, Flower or Ray. Used by
 
 Several seeds are several strata: each seed draws its own test rows (the test split is
 seeded by the run's seed), so every function takes one pair (or triple) per seed, each on
-that seed's rows, resamples rows within each seed, and weighs the seeds equally.
+that seed's rows; the bootstrap resamples rows within each seed and weighs the seeds
+equally, the permutation test pools every seed's rows.
 """
 
 from __future__ import annotations
